@@ -1,0 +1,1 @@
+"""Pure library for susceptibility studies: models, data, SGLD, streaming statistics, estimators, analysis."""

@@ -1,0 +1,99 @@
+"""Head-role probes: induction, previous-token and current-token scores from attention patterns, and
+per-token zero-ablation loss deltas (used later to validate susceptibilities against ablations).
+
+Scores are mean attention weights in [0, 1]; loss deltas are in nats.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from susc_core.model import ModelConfig, Params, final_norm, per_token_loss
+
+
+def head_labels(cfg: ModelConfig) -> list[str]:
+    """Every head's label ``L{layer}H{head}``, layer-major."""
+    return [f"L{layer}H{head}" for layer in range(cfg.n_layers) for head in range(cfg.n_heads)]
+
+
+@torch.no_grad()
+def attention_patterns(params: Params, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Attention patterns of every layer for input tokens [batch, pos].
+
+    Returns [n_layers, batch, n_heads, pos(query), pos(key)].
+    """
+    patterns: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(pattern: torch.Tensor) -> torch.Tensor:
+            patterns[layer] = pattern
+            return pattern
+        return hook
+
+    hooks = {f"blocks.{layer}.attn.hook_pattern": keep(layer) for layer in range(cfg.n_layers)}
+    final_norm(params, cfg, tokens, hooks)
+    return torch.stack([patterns[layer] for layer in range(cfg.n_layers)])
+
+
+def offset_score(pattern: torch.Tensor, offset: int, first_query: int) -> torch.Tensor:
+    """Mean attention from query i to key i - offset over queries i >= first_query.
+
+    pattern: [..., batch, n_heads, q, k]. Returns [..., n_heads].
+    """
+    n = pattern.shape[-1]
+    queries = torch.arange(first_query, n, device=pattern.device)
+    picked = pattern[..., queries, queries - offset]  # [..., batch, heads, n_queries]
+    return picked.mean(dim=(-3, -1))
+
+
+def induction_score(pattern: torch.Tensor, half_len: int) -> torch.Tensor:
+    """Induction score on sequences whose second half repeats the first (length 2·half_len).
+
+    Query i in the second copy should attend to key i - half_len + 1, the token after the earlier
+    occurrence of the current token. pattern: [..., batch, heads, q, k] -> [..., heads].
+    """
+    return offset_score(pattern, half_len - 1, half_len)
+
+
+def previous_token_score(pattern: torch.Tensor) -> torch.Tensor:
+    """Mean attention to position i - 1 over queries i >= 1: [..., batch, heads, q, k] -> [..., heads]."""
+    return offset_score(pattern, 1, 1)
+
+
+def current_token_score(pattern: torch.Tensor) -> torch.Tensor:
+    """Mean attention to position i itself over queries i >= 1 (query 0 can only attend to itself)."""
+    return offset_score(pattern, 0, 1)
+
+
+def head_scores(params: Params, cfg: ModelConfig, repeated_tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All three scores per head on repeated random sequences [batch, 2·half_len].
+
+    Returns {"induction", "previous_token", "current_token"} -> [n_layers, n_heads].
+    """
+    half_len = repeated_tokens.shape[1] // 2
+    pattern = attention_patterns(params, cfg, repeated_tokens)
+    return {
+        "induction": induction_score(pattern, half_len),
+        "previous_token": previous_token_score(pattern),
+        "current_token": current_token_score(pattern),
+    }
+
+
+@torch.no_grad()
+def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token zero-ablation loss deltas of every head.
+
+    tokens: [batch, seq]. Returns [n_layers * n_heads, batch, seq - 1] (nats): loss with the head's
+    output z zeroed minus the clean loss, heads in :func:`head_labels` order.
+    """
+    clean = per_token_loss(params, cfg, tokens)
+    deltas = []
+    for layer in range(cfg.n_layers):
+        for head in range(cfg.n_heads):
+            def zero_head(z: torch.Tensor, head: int = head) -> torch.Tensor:
+                z = z.clone()
+                z[:, :, head] = 0.0
+                return z
+            ablated = per_token_loss(params, cfg, tokens, {f"blocks.{layer}.attn.hook_z": zero_head})
+            deltas.append(ablated - clean)
+    return torch.stack(deltas)

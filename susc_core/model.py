@@ -1,0 +1,242 @@
+"""A small transformer in TransformerLens layout, written as a pure function of its parameters.
+
+Parameters live in a flat dict keyed by TransformerLens names (``blocks.{l}.attn.W_Q`` ...), so a head
+is an index into ``W_Q [n_heads, d_model, d_head]`` and ``torch.func.functional_call`` / ``vmap`` can
+swap or stack them. Positions are *shortformer*: the learned positional embedding is added to the
+query and key inputs of every attention layer (after ``ln1``) and never enters the residual stream.
+
+Named hook points (TransformerLens names) let callers read or edit activations:
+``hook_embed``, ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern`` [batch, head, q, k],
+``blocks.{l}.attn.hook_z`` [batch, pos, head, d_head], ``blocks.{l}.hook_attn_out``,
+``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``, ``ln_final.hook_normalized``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+Params = dict[str, torch.Tensor]
+Hooks = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+
+
+@dataclass
+class ModelConfig:
+    """Shapes of the model; names follow TransformerLens' HookedTransformerConfig.
+
+    Not frozen so that Hydra can use it as a structured config; treat instances as values."""
+
+    n_layers: int = 2
+    n_heads: int = 8
+    d_head: int = 16
+    d_model: int = 128
+    n_ctx: int = 128  # longest context the positional embedding covers
+    d_vocab: int = 4096
+    d_mlp: int = 0  # 0 means attention-only (the paper's model); >0 adds a GELU MLP per block
+    ln_eps: float = 1e-5
+    init_std: float = 0.02  # std of the normal init of every weight matrix
+    loss_chunk_tokens: int = 2048  # tokens per chunk of the vocab log-softmax (bounds its memory)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every parameter's name and shape, in forward order."""
+    h, dm, dh = cfg.n_heads, cfg.d_model, cfg.d_head
+    shapes: dict[str, tuple[int, ...]] = {
+        "embed.W_E": (cfg.d_vocab, dm),
+        "pos_embed.W_pos": (cfg.n_ctx, dm),
+    }
+    for layer in range(cfg.n_layers):
+        p = f"blocks.{layer}"
+        shapes |= {
+            f"{p}.ln1.w": (dm,), f"{p}.ln1.b": (dm,),
+            f"{p}.attn.W_Q": (h, dm, dh), f"{p}.attn.W_K": (h, dm, dh),
+            f"{p}.attn.W_V": (h, dm, dh), f"{p}.attn.W_O": (h, dh, dm),
+            f"{p}.attn.b_Q": (h, dh), f"{p}.attn.b_K": (h, dh), f"{p}.attn.b_V": (h, dh),
+            f"{p}.attn.b_O": (dm,),
+        }
+        if cfg.d_mlp > 0:
+            shapes |= {
+                f"{p}.ln2.w": (dm,), f"{p}.ln2.b": (dm,),
+                f"{p}.mlp.W_in": (dm, cfg.d_mlp), f"{p}.mlp.b_in": (cfg.d_mlp,),
+                f"{p}.mlp.W_out": (cfg.d_mlp, dm), f"{p}.mlp.b_out": (dm,),
+            }
+    shapes |= {
+        "ln_final.w": (dm,), "ln_final.b": (dm,),
+        "unembed.W_U": (dm, cfg.d_vocab), "unembed.b_U": (cfg.d_vocab,),
+    }
+    return shapes
+
+
+def n_params(cfg: ModelConfig) -> int:
+    """Total number of scalar parameters."""
+    return sum(math.prod(s) for s in param_shapes(cfg).values())
+
+
+def init_params(cfg: ModelConfig, generator: torch.Generator) -> Params:
+    """Fresh parameters: N(0, init_std) matrices, zero biases, unit LayerNorm gains (fp32, CPU)."""
+    params = {}
+    for name, shape in param_shapes(cfg).items():
+        leaf = name.rsplit(".", 1)[1]
+        if leaf == "w":
+            params[name] = torch.ones(shape)
+        elif leaf.startswith("b"):
+            params[name] = torch.zeros(shape)
+        else:
+            params[name] = torch.randn(shape, generator=generator) * cfg.init_std
+    return params
+
+
+def _hook(hooks: Hooks | None, name: str, x: torch.Tensor) -> torch.Tensor:
+    return hooks[name](x) if hooks and name in hooks else x
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last axis: (x - mean) / sqrt(var + eps) * w + b."""
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def attention(params: Params, cfg: ModelConfig, layer: int, x_norm: torch.Tensor,
+              pos: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+    """Causal multi-head attention of one layer.
+
+    x_norm: [batch, pos, d_model] (output of ln1); pos: [pos, d_model] shortformer positions added
+    to the query and key inputs only. Returns the layer's output [batch, pos, d_model].
+    """
+    p = f"blocks.{layer}.attn"
+    qk_in = x_norm + pos
+    q = torch.einsum("bpd,hde->bphe", qk_in, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"]
+    k = torch.einsum("bpd,hde->bphe", qk_in, params[f"{p}.W_K"]) + params[f"{p}.b_K"]
+    v = torch.einsum("bpd,hde->bphe", x_norm, params[f"{p}.W_V"]) + params[f"{p}.b_V"]
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
+    n = x_norm.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=x_norm.device).tril()
+    scores = scores.masked_fill(~causal, float("-inf"))
+    pattern = _hook(hooks, f"{p}.hook_pattern", scores.softmax(dim=-1))
+    z = _hook(hooks, f"{p}.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+    return torch.einsum("bqhe,hed->bqd", z, params[f"{p}.W_O"]) + params[f"{p}.b_O"]
+
+
+def mlp(params: Params, layer: int, x_norm: torch.Tensor) -> torch.Tensor:
+    """GELU MLP of one block: [batch, pos, d_model] -> [batch, pos, d_model]."""
+    p = f"blocks.{layer}.mlp"
+    hidden = F.gelu(x_norm @ params[f"{p}.W_in"] + params[f"{p}.b_in"])
+    return hidden @ params[f"{p}.W_out"] + params[f"{p}.b_out"]
+
+
+def block(params: Params, cfg: ModelConfig, layer: int, resid: torch.Tensor, pos: torch.Tensor,
+          hooks: Hooks | None = None) -> torch.Tensor:
+    """One transformer block: resid [batch, pos, d_model] -> resid_post [batch, pos, d_model]."""
+    p = f"blocks.{layer}"
+    resid = _hook(hooks, f"{p}.hook_resid_pre", resid)
+    x_norm = layer_norm(resid, params[f"{p}.ln1.w"], params[f"{p}.ln1.b"], cfg.ln_eps)
+    resid = resid + _hook(hooks, f"{p}.hook_attn_out", attention(params, cfg, layer, x_norm, pos, hooks))
+    if cfg.d_mlp > 0:
+        x_norm = layer_norm(resid, params[f"{p}.ln2.w"], params[f"{p}.ln2.b"], cfg.ln_eps)
+        resid = resid + _hook(hooks, f"{p}.hook_mlp_out", mlp(params, layer, x_norm))
+    return _hook(hooks, f"{p}.hook_resid_post", resid)
+
+
+def embed(params: Params, tokens: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+    """Token embedding only (shortformer: no positions in the residual): [batch, pos] -> [batch, pos, d_model]."""
+    return _hook(hooks, "hook_embed", params["embed.W_E"][tokens])
+
+
+def final_norm(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
+               hooks: Hooks | None = None, start_layer: int = 0,
+               resid: torch.Tensor | None = None) -> torch.Tensor:
+    """Normalised final residual [batch, pos, d_model] for input tokens [batch, pos].
+
+    With ``resid`` given (the cached ``blocks.{start_layer}.hook_resid_pre``), the blocks before
+    ``start_layer`` are skipped: their activations do not depend on later layers' weights.
+    """
+    n = tokens.shape[-1]
+    if n > cfg.n_ctx:
+        raise ValueError(f"context of {n} tokens exceeds the model's n_ctx={cfg.n_ctx}")
+    pos = params["pos_embed.W_pos"][:n]
+    if resid is None:
+        resid = embed(params, tokens, hooks)
+    for layer in range(start_layer, cfg.n_layers):
+        resid = block(params, cfg, layer, resid, pos, hooks)
+    x = layer_norm(resid, params["ln_final.w"], params["ln_final.b"], cfg.ln_eps)
+    return _hook(hooks, "ln_final.hook_normalized", x)
+
+
+def logits(params: Params, cfg: ModelConfig, tokens: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+    """Full logits [batch, pos, d_vocab]; for small inputs and tests (losses use the chunked path)."""
+    return final_norm(params, cfg, tokens, hooks) @ params["unembed.W_U"] + params["unembed.b_U"]
+
+
+def _chunk_nll(x: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    chunk_logits = x @ w_u + b_u
+    picked = chunk_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return torch.logsumexp(chunk_logits, dim=-1) - picked
+
+
+def unembed_nll(x_norm: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor, targets: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats, never holding more than ``chunk_tokens`` rows of logits.
+
+    x_norm: [..., d_model] normalised final residual; targets: [...] token ids. Returns [...].
+    Under autograd each chunk is recomputed in the backward pass, so the logits are not kept either.
+    """
+    lead = targets.shape
+    flat_x = x_norm.reshape(-1, x_norm.shape[-1])
+    flat_t = targets.reshape(-1)
+    pieces = []
+    for start in range(0, flat_t.shape[0], chunk_tokens):
+        args = (flat_x[start:start + chunk_tokens], w_u, b_u, flat_t[start:start + chunk_tokens])
+        if torch.is_grad_enabled() and flat_t.shape[0] > chunk_tokens:
+            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
+        else:
+            pieces.append(_chunk_nll(*args))
+    return torch.cat(pieces).reshape(lead)
+
+
+def per_token_loss(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
+                   hooks: Hooks | None = None) -> torch.Tensor:
+    """Per-token loss l_xy = -log p(y|x, w) in nats.
+
+    tokens: [batch, seq] ids; position t predicts tokens[:, t+1]. Returns [batch, seq - 1].
+    """
+    x = final_norm(params, cfg, tokens[:, :-1], hooks)
+    return unembed_nll(x, params["unembed.W_U"], params["unembed.b_U"], tokens[:, 1:], cfg.loss_chunk_tokens)
+
+
+class Transformer(torch.nn.Module):
+    """nn.Module holding the parameters under their TransformerLens names, for optimisers and
+    ``torch.func.functional_call``. ``forward`` returns per-token losses [batch, seq - 1]."""
+
+    def __init__(self, cfg: ModelConfig, params: Params):
+        super().__init__()
+        self.cfg = cfg
+        missing = set(param_shapes(cfg)) ^ set(params)
+        if missing:
+            raise ValueError(f"parameters do not match the config; differing names: {sorted(missing)}")
+        for name, shape in param_shapes(cfg).items():
+            if tuple(params[name].shape) != shape:
+                raise ValueError(f"parameter {name} has shape {tuple(params[name].shape)}, config expects {shape}")
+            self._register(name, torch.nn.Parameter(params[name].detach().clone()))
+
+    def _register(self, dotted: str, param: torch.nn.Parameter) -> None:
+        module: torch.nn.Module = self
+        *path, leaf = dotted.split(".")
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, torch.nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(leaf, param)
+
+    def params(self) -> Params:
+        """The live parameters as a flat name -> tensor dict."""
+        return dict(self.named_parameters())
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return per_token_loss(self.params(), self.cfg, tokens)

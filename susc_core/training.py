@@ -1,0 +1,122 @@
+"""Training pieces: the curriculum's batch sampler, the learning-rate schedule and one AdamW step.
+
+The curriculum (see shared/TRAINING.md) mixes natural-text contexts with tiled repeats of random
+segments, which make induction heads pay early; each phase sets the sequence length and the share
+of synthetic sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from susc_core.model import ModelConfig, Params, per_token_loss
+from susc_core.synthetic import tiled_repeats
+
+
+@dataclass
+class PhaseConfig:
+    """One curriculum phase."""
+
+    steps: int = 1000
+    seq_len: int = 64  # tokens fed to the model per sequence (targets are the next tokens)
+    synthetic_share: float = 0.8  # fraction of each batch that is tiled repeats of random segments
+
+
+@dataclass
+class RepeatsConfig:
+    """Tiled repeats of random segments (the induction-forming synthetic family)."""
+
+    seg_min: int = 4
+    seg_max: int = 16
+    copies_min: int = 2
+    copies_max: int = 5
+    vocab_low: int = 1  # lowest token id drawn (ids below are special tokens)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then constant learning rate."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    beta1: float = 0.9
+    beta2: float = 0.99
+    warmup_steps: int = 200
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+
+
+@dataclass
+class CurriculumConfig:
+    batch_size: int = 32
+    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    repeats: RepeatsConfig = field(default_factory=RepeatsConfig)
+
+
+def phase_at(curriculum: CurriculumConfig, step: int) -> PhaseConfig:
+    """The phase that training step ``step`` (0-based) belongs to; the last phase if past the end."""
+    end = 0
+    for phase in curriculum.phases:
+        end += phase.steps
+        if step < end:
+            return phase
+    return curriculum.phases[-1]
+
+
+def total_steps(curriculum: CurriculumConfig) -> int:
+    return sum(phase.steps for phase in curriculum.phases)
+
+
+def sample_batch(generator: np.random.Generator, contexts: np.ndarray, phase: PhaseConfig,
+                 curriculum: CurriculumConfig, d_vocab: int) -> torch.Tensor:
+    """One training batch [batch_size, phase.seq_len + 1] of token ids.
+
+    contexts: [n, ctx_len + 1] natural (and corpus-synthetic) contexts; a random window of
+    seq_len + 1 tokens is cut from each picked context. The first round(share·batch) rows are
+    replaced by tiled repeats.
+    """
+    n_synth = int(round(phase.synthetic_share * curriculum.batch_size))
+    n_nat = curriculum.batch_size - n_synth
+    width = phase.seq_len + 1
+    if width > contexts.shape[1]:
+        raise ValueError(f"phase seq_len {phase.seq_len} needs contexts of {width} tokens, corpus has {contexts.shape[1]}")
+    rows = generator.integers(0, contexts.shape[0], size=n_nat)
+    starts = generator.integers(0, contexts.shape[1] - width + 1, size=n_nat)
+    natural = contexts[rows[:, None], starts[:, None] + np.arange(width)]
+    r = curriculum.repeats
+    synthetic = tiled_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
+                              r.copies_min, r.copies_max)
+    return torch.from_numpy(np.concatenate([synthetic, natural]).astype(np.int64))
+
+
+def learning_rate(optim: OptimConfig, step: int) -> float:
+    """Linear warm-up over ``warmup_steps`` then constant ``lr``."""
+    if optim.warmup_steps <= 0:
+        return optim.lr
+    return optim.lr * min(1.0, (step + 1) / optim.warmup_steps)
+
+
+def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
+               optim: OptimConfig, step: int) -> float:
+    """One AdamW step on the mean per-token loss of ``batch`` [batch, seq]; returns the loss (nats)."""
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(optim, step)
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(batch).mean()
+    loss.backward()
+    if optim.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)
+    optimizer.step()
+    return loss.item()
+
+
+@torch.no_grad()
+def domain_losses(params: Params, cfg: ModelConfig, contexts_by_domain: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean per-token loss (nats) on each domain's held-out contexts [n, seq]."""
+    return {domain: per_token_loss(params, cfg, ctx).mean().item() for domain, ctx in contexts_by_domain.items()}

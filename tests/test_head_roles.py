@@ -1,0 +1,55 @@
+"""Head-role scores on hand-built attention patterns, and zero-ablation deltas."""
+
+import torch
+
+from susc_core.head_roles import (ablation_loss_deltas, current_token_score, induction_score,
+                                  previous_token_score)
+from susc_core.model import ModelConfig, init_params, per_token_loss
+
+
+def _pattern_from_targets(n: int, target) -> torch.Tensor:
+    """A causal attention pattern [1, 1, n, n] where query i puts all weight on key target(i)."""
+    pattern = torch.zeros(1, 1, n, n)
+    for i in range(n):
+        pattern[0, 0, i, target(i)] = 1.0
+    return pattern
+
+
+def test_previous_token_head():
+    p = _pattern_from_targets(10, lambda i: max(i - 1, 0))
+    assert previous_token_score(p).item() == 1.0
+    assert current_token_score(p).item() == 0.0
+    assert induction_score(p, half_len=5).item() == 0.0
+
+
+def test_induction_head_on_repeated_sequence():
+    half = 6  # query i >= half attends to i - half + 1 (the token after the earlier occurrence)
+    p = _pattern_from_targets(2 * half, lambda i: i - half + 1 if i >= half else i)
+    assert induction_score(p, half).item() == 1.0
+    assert previous_token_score(p).item() == 0.0
+
+
+def test_scores_average_over_queries_and_mixtures():
+    n = 8
+    prev = _pattern_from_targets(n, lambda i: max(i - 1, 0))
+    cur = _pattern_from_targets(n, lambda i: i)
+    mix = torch.cat([0.25 * prev + 0.75 * cur, prev], dim=1)  # two heads
+    torch.testing.assert_close(current_token_score(mix), torch.tensor([0.75, 0.0]))
+    torch.testing.assert_close(previous_token_score(mix), torch.tensor([0.25, 1.0]))
+
+
+def test_ablation_deltas_zero_for_a_head_with_no_output():
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16)
+    params = init_params(cfg, torch.Generator().manual_seed(0))
+    params = {k: v * 20 for k, v in params.items()}  # large weights: every head matters
+    params["blocks.1.attn.W_O"][1] = 0.0
+    tokens = torch.randint(0, 16, (3, 8))
+    deltas = ablation_loss_deltas(params, cfg, tokens)
+    assert deltas.shape == (4, 3, 7)
+    assert torch.all(deltas[3] == 0)
+    assert deltas[0].abs().max() > 1e-3
+    # ablating = zeroing the head's weights W_O slice (its output), checked independently
+    params_zeroed = {k: v.clone() for k, v in params.items()}
+    params_zeroed["blocks.0.attn.W_O"][0] = 0.0
+    expected = per_token_loss(params_zeroed, cfg, tokens) - per_token_loss(params, cfg, tokens)
+    torch.testing.assert_close(deltas[0], expected)

@@ -1,0 +1,202 @@
+"""Train a model on the corpus with the induction-forming curriculum: ``python -m workflows.train_model``.
+
+Seeded; writes ``model.safetensors`` + ``training_state.pt`` every ``checkpoint_every`` steps and
+resumes from them when re-run with the same ``out_dir``; logs the loss per domain; at the end scores
+every head and writes ``MODEL_CARD.md`` (and copies both files to ``export_to`` when set).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+from tqdm import tqdm
+
+from susc_core.checkpoint import (file_sha256, load_model, load_training_state, save_model,
+                                  save_training_state)
+from susc_core.corpus import load_contexts
+from susc_core.head_roles import head_labels, head_scores
+from susc_core.model import ModelConfig, Transformer, init_params, n_params
+from susc_core.synthetic import repeated_random
+from susc_core.training import (CurriculumConfig, OptimConfig, domain_losses, make_optimizer, phase_at,
+                                sample_batch, total_steps, train_step)
+from workflows.runtime import get_logger, resolve_device
+
+log = get_logger("train_model")
+
+
+@dataclass
+class HeadScoreConfig:
+    n_seqs: int = 16  # repeated random sequences scored
+    half_len: int = 50  # tokens before the repeat (the paper-style 50-token test)
+    role_threshold: float = 0.4  # a head with score >= this counts as having that role
+
+
+@dataclass
+class TrainAppConfig:
+    arch: ModelConfig = field(default_factory=ModelConfig)  # conf/arch/: the architecture trained
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    head_scores: HeadScoreConfig = field(default_factory=HeadScoreConfig)
+    out_dir: str = "outputs/train_model/default"
+    corpus_dir: str = "data/corpus"
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0  # torch intra-op threads; 0 keeps torch's default
+    eval_every: int = 250  # steps between per-domain loss evaluations
+    eval_contexts: int = 32  # held-out probe contexts per domain for those evaluations
+    checkpoint_every: int = 250
+    export_to: str | None = None  # folder that receives model.safetensors renamed + MODEL_CARD.md
+    export_name: str = "default_model.safetensors"
+
+
+ConfigStore.instance().store(name="train_model_schema", node=TrainAppConfig)
+
+
+def _eval_sets(corpus_dir: Path, n: int, seq_len: int) -> dict[str, torch.Tensor]:
+    probes = sorted((corpus_dir / "probes").glob("*.parquet"))
+    return {p.stem: load_contexts(p)[:n, : seq_len + 1] for p in probes}
+
+
+def _score_heads(params, cfg: ModelConfig, hs: HeadScoreConfig, seed: int) -> dict[str, list[float]]:
+    generator = np.random.default_rng([seed, 1])
+    half = min(hs.half_len, cfg.n_ctx // 2)
+    tokens = torch.from_numpy(repeated_random(generator, hs.n_seqs, half, 1, cfg.d_vocab))
+    scores = head_scores(params, cfg, tokens)
+    return {k: v.flatten().tolist() for k, v in scores.items()}
+
+
+def model_card(cfg: TrainAppConfig, summary: dict) -> str:
+    """Markdown model card: command, tokens seen, wall time, domain losses, every head's scores."""
+    labels = head_labels(cfg.arch)
+    scores = summary["head_scores"]
+    thr = cfg.head_scores.role_threshold
+    rows = "\n".join(
+        f"| {label} | {scores['induction'][i]:.3f} | {scores['previous_token'][i]:.3f} | {scores['current_token'][i]:.3f} |"
+        for i, label in enumerate(labels))
+    roles = {k: sum(s >= thr for s in v) for k, v in scores.items()}
+    losses = "\n".join(f"| {d} | {v:.3f} |" for d, v in summary["domain_losses"].items())
+    phases = "\n".join(f"| {i + 1} | {p.steps} | {p.seq_len} | {p.synthetic_share} |"
+                       for i, p in enumerate(cfg.curriculum.phases))
+    return f"""# Model card: bundled default model
+
+Trained by this project, offline, on the corpus built by `python -m workflows.build_corpus`.
+
+- Command: `{summary['command']}`
+- Architecture: {json.dumps(cfg.arch.to_dict())}; {summary['n_params']:,} parameters; shortformer
+  positions; attention-only.
+- Optimiser: AdamW lr {cfg.optim.lr}, weight decay {cfg.optim.weight_decay}, betas ({cfg.optim.beta1},
+  {cfg.optim.beta2}), warm-up {cfg.optim.warmup_steps} steps, grad clip {cfg.optim.grad_clip}; batch
+  {cfg.curriculum.batch_size}; seed {cfg.seed}.
+- Steps: {summary['steps']:,}; tokens seen: {summary['tokens_seen']:,}; wall time: {summary['wall_s']:.0f} s
+  on {summary['device']} ({summary['threads']} threads).
+- Weights sha256: `{summary['sha256']}`; corpus manifest hash: `{summary['corpus_hash']}`.
+
+## Curriculum
+| phase | steps | sequence length | synthetic (tiled repeats) share |
+|---|---|---|---|
+{phases}
+
+## Held-out loss per domain (nats/token, {cfg.eval_contexts} probe contexts each)
+| domain | loss |
+|---|---|
+{losses}
+
+## Head scores
+On {cfg.head_scores.n_seqs} sequences of {min(cfg.head_scores.half_len, cfg.arch.n_ctx // 2)} random
+tokens repeated twice. Heads at or above {thr}: induction {roles['induction']}, previous-token
+{roles['previous_token']}, current-token {roles['current_token']}.
+
+| head | induction | previous-token | current-token |
+|---|---|---|---|
+{rows}
+"""
+
+
+def train(cfg: TrainAppConfig) -> dict:
+    """Run (or resume) training; returns the summary that goes into the model card."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    out = Path(cfg.out_dir)
+    corpus = Path(cfg.corpus_dir)
+    contexts = load_contexts(corpus / "train.parquet").numpy()
+    if contexts.max() >= cfg.arch.d_vocab:
+        raise ValueError(f"corpus token ids reach {contexts.max()} but arch.d_vocab={cfg.arch.d_vocab}; "
+                         f"rebuild the corpus or set arch.d_vocab to the tokenizer's vocabulary size")
+    evals = {k: v.to(device) for k, v in _eval_sets(corpus, cfg.eval_contexts, cfg.arch.n_ctx).items()}
+    torch.manual_seed(cfg.seed)
+    params = init_params(cfg.arch, torch.Generator().manual_seed(cfg.seed))
+    model = Transformer(cfg.arch, params).to(device)
+    optimizer = make_optimizer(list(model.parameters()), cfg.optim)
+    generator = np.random.default_rng(cfg.seed)
+    state_path, weights_path = out / "training_state.pt", out / "model.safetensors"
+    start, tokens_seen, wall = 0, 0, 0.0
+    if state_path.exists():
+        _, saved = load_model(weights_path, expected=cfg.arch)
+        model.load_state_dict(saved)
+        state = load_training_state(state_path)
+        optimizer.load_state_dict(state["optimizer"])
+        generator.bit_generator.state = json.loads(state["numpy_rng"])
+        start, tokens_seen, wall = state["step"], state["tokens_seen"], state["wall_s"]
+        log.info("resuming from %s at step %d", state_path, start)
+    steps = total_steps(cfg.curriculum)
+    t0 = time.perf_counter() - wall
+    bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, file=sys.stderr)
+    for step in bar:
+        phase = phase_at(cfg.curriculum, step)
+        batch = sample_batch(generator, contexts, phase, cfg.curriculum, cfg.arch.d_vocab).to(device)
+        loss = train_step(model, optimizer, batch, cfg.optim, step)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at step {step}; lower optim.lr or raise warm-up")
+        tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
+        bar.set_postfix(loss=f"{loss:.3f}", seq=phase.seq_len)
+        done = step + 1
+        if done % cfg.eval_every == 0 or done == steps:
+            losses = domain_losses(model.params(), cfg.arch, evals)
+            log.info("step %d/%d loss %.3f | %s", done, steps, loss, " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+        if done % cfg.checkpoint_every == 0 or done == steps:
+            save_model(weights_path, cfg.arch, model.params())
+            save_training_state(state_path, {
+                "optimizer": optimizer.state_dict(), "step": done, "tokens_seen": tokens_seen,
+                "wall_s": time.perf_counter() - t0, "numpy_rng": json.dumps(generator.bit_generator.state)})
+    params = {k: v.detach().cpu() for k, v in model.params().items()}
+    manifest = corpus / "manifest.json"
+    summary = {
+        "command": "python -m workflows.train_model " + " ".join(sys.argv[1:]),
+        "n_params": n_params(cfg.arch), "steps": steps, "tokens_seen": tokens_seen,
+        "wall_s": time.perf_counter() - t0, "device": str(device), "threads": torch.get_num_threads(),
+        "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
+        "head_scores": _score_heads(params, cfg.arch, cfg.head_scores, cfg.seed),
+        "sha256": file_sha256(weights_path),
+        "corpus_hash": json.loads(manifest.read_text()).get("manifest_hash", "") if manifest.exists() else "",
+    }
+    card = model_card(cfg, summary)
+    (out / "MODEL_CARD.md").write_text(card)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("head scores:\n%s", card.split("## Head scores", 1)[1])
+    if cfg.export_to:
+        export = Path(cfg.export_to)
+        export.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights_path, export / cfg.export_name)
+        (export / "MODEL_CARD.md").write_text(card)
+        log.info("exported %s and MODEL_CARD.md to %s", cfg.export_name, export)
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train_model")
+def main(cfg) -> None:
+    train(OmegaConf.to_object(cfg))
+
+
+if __name__ == "__main__":
+    main()
