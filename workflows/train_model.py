@@ -178,7 +178,7 @@ def train(cfg: TrainAppConfig) -> dict:
         "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
         "head_scores": _score_heads(params, cfg.arch, cfg.head_scores, cfg.seed),
         "sha256": file_sha256(weights_path),
-        "corpus_hash": json.loads(manifest.read_text()).get("manifest_hash", "") if manifest.exists() else "",
+        "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
     }
     card = model_card(cfg, summary)
     (out / "MODEL_CARD.md").write_text(card)

@@ -1,0 +1,142 @@
+"""Benchmark of the estimator engine on the default model; prints ONE JSON object as its last line.
+
+    python benchmarks/engine.py [--device cpu] [--draws 2] [--obs 8] [--probe 8]
+
+Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
+the sequential reference plan (measured on one head per layer and the full run, then weighted to the
+same unit), FLOPs of one unit counted from the model's shapes (honest-path FLOPs), the FLOP/s they
+imply against a torch matmul peak measured in the same run, and peak RSS at two draw counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from susc_core.checkpoint import load_model  # noqa: E402
+from susc_core.engine import run_unit  # noqa: E402
+from susc_core.model import ModelConfig, init_params  # noqa: E402
+from susc_core.sgld import SamplerConfig  # noqa: E402
+
+ASSET = ROOT / "susc_core" / "assets" / "default_model.safetensors"
+
+
+def model():
+    if ASSET.exists():
+        cfg, params = load_model(ASSET)
+        return cfg, params, str(ASSET.relative_to(ROOT))
+    cfg = ModelConfig()
+    return cfg, init_params(cfg, torch.Generator().manual_seed(0)), "random init (no trained checkpoint found)"
+
+
+def matmul_peak(device, dtype=torch.float32, n=1024, reps=20) -> float:
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Multiply-adds x 2 of one forward per token (attention over the full causal square)."""
+    h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
+    layer = 2 * (3 * d * h * e + h * e * d) + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
+    return cfg.n_layers * layer + 2 * d * cfg.d_vocab
+
+
+def unit_flops(cfg, sampler, n_components, seq, n_obs_tokens):
+    """Honest-path FLOPs of one (component, chain, draw): forward + backward (2x) per step, forwards per draw."""
+    f = forward_flops_per_token(cfg, seq)
+    per_step = 3 * f * sampler.batch_size * seq
+    return per_step * sampler.steps_between_draws + f * n_obs_tokens
+
+
+def timed_unit(*args, **kwargs):
+    start = time.perf_counter()
+    out = run_unit(*args, **kwargs)
+    return time.perf_counter() - start, out
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--draws", type=int, default=2)
+    ap.add_argument("--obs", type=int, default=8, help="fixed observable contexts")
+    ap.add_argument("--probe", type=int, default=8, help="probe contexts")
+    ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    cfg, params, source = model()
+    seq = cfg.n_ctx
+    gen = torch.Generator().manual_seed(1)
+    train = torch.randint(0, cfg.d_vocab, (256, seq + 1), generator=gen)
+    obs = torch.randint(0, cfg.d_vocab, (args.obs, seq + 1), generator=gen)
+    probe = torch.randint(0, cfg.d_vocab, (args.probe, seq + 1), generator=gen)
+    sampler = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, n_chains=4, n_draws=args.draws, batch_size=16)
+    heads = [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
+    chains = list(range(sampler.n_chains))
+    if args.memory_child:
+        run_unit(cfg, params, ["L*H*", "full"], chains, SamplerConfig(**{**sampler.__dict__, "n_draws": args.memory_child}),
+                 train, obs, probe, seed=0, device=args.device)
+        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        return
+    peak = matmul_peak(args.device)
+    peak_bf16 = matmul_peak(args.device, torch.bfloat16)
+    units = (len(heads) + 1) * len(chains) * args.draws
+    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device)
+    # sequential: one chain of one head per layer and of the full run, weighted to the same unit
+    seq_sampler = SamplerConfig(**{**sampler.__dict__, "n_draws": 1})
+    per_chain_draw = {}
+    for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]:
+        t, _ = timed_unit(cfg, params, [name], [0], seq_sampler, train, obs, probe, seed=0, device=args.device,
+                          mode="reference")
+        per_chain_draw[name] = t
+    t_seq = len(chains) * args.draws * (sum(cfg.n_heads * per_chain_draw[f"L{l}H0"] for l in range(cfg.n_layers))
+                                        + per_chain_draw["full"])
+    bf16 = SamplerConfig(**{**sampler.__dict__, "forward_dtype": "bfloat16"})
+    t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
+    flops = unit_flops(cfg, sampler, len(heads) + 1, seq, (args.obs + args.probe) * seq)
+    memory = {}
+    for draws in (1, 3):
+        out = subprocess.run([sys.executable, __file__, "--device", args.device, "--obs", str(args.obs), "--probe",
+                              str(args.probe), "--memory-child", str(draws)], capture_output=True, text=True, check=True)
+        memory[f"draws_{draws}"] = float(out.stdout.strip().splitlines()[-1])
+    print(json.dumps({
+        "model": source, "device": args.device, "threads": torch.get_num_threads(),
+        "unit": {"components": len(heads) + 1, "chains": len(chains), "draws": args.draws, "batch_size": 16,
+                 "obs_contexts": args.obs, "probe_contexts": args.probe, "seq": seq},
+        "batched_units_per_s": units / t_batched,
+        "batched_bf16_units_per_s": units / t_bf16,
+        "sequential_units_per_s": units / t_seq,
+        "speedup_vs_sequential": t_seq / t_batched,
+        "speedup_bf16_vs_sequential": t_seq / t_bf16,
+        "sequential_s_per_chain_draw": per_chain_draw,
+        "honest_flops_per_unit": flops,
+        "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
+        "batched_honest_equiv_flops_per_s": flops * units / t_batched,
+        "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
+        "sequential_fraction_of_fp32_peak": flops * units / t_seq / peak,
+        "peak_rss_mib_heads_plus_full": memory,
+    }))
+
+
+if __name__ == "__main__":
+    main()

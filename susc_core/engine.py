@@ -1,0 +1,108 @@
+"""Work units: run SGLD chains of named components and return their streaming statistics.
+
+``run_unit`` is the API the orchestration calls (plain Python, no Ray). Every chain's randomness is
+derived from (seed, stream kind, component name, chain index) (``seeds``), so chain k of component C
+gives the same statistics alone, in any group, or in the sequential reference plan (to float
+tolerance): the orchestrator may split (components x chains) any way it likes.
+
+Batched plan: the heads of one layer form one ``HeadGroup`` (all their chains on one chain axis);
+every other component is a ``CachedGroup`` of its chains. Upstream activations are computed once per
+context and shared; the minibatch sequence is shared by all chains when ``share_minibatches``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections import defaultdict
+
+import numpy as np
+import torch
+
+from .accumulator import to_chain_stats
+from .chains import reference_values, sample_chains
+from .components import _HEAD_RE, component, gather, resolve_components
+from .engine_reference import plan_reference
+from .groups import CachedGroup, HeadGroup
+from .model import ModelConfig, Params, param_shapes
+from .seeds import minibatch_schedule, stream_seed, torch_generator
+from .sgld import SamplerConfig
+from .stats import ChainStats
+
+MODES = ("batched", "reference")
+
+
+def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
+    """[(group, [(component name, chain)])]: one HeadGroup per layer with selected heads, one CachedGroup
+    per other component; members in (component, chain) order."""
+    heads_by_layer: dict[int, list[str]] = defaultdict(list)
+    plan = []
+    for name in names:
+        if _HEAD_RE.match(name):
+            heads_by_layer[component(cfg, name).layer].append(name)
+        else:
+            plan.append((CachedGroup(params, cfg, component(cfg, name)), [(name, c) for c in chains]))
+    for layer, heads in sorted(heads_by_layer.items()):
+        members = [(name, c) for name in heads for c in chains]
+        comps = [component(cfg, name) for name, _ in members]
+        plan.insert(0, (HeadGroup(params, cfg, layer, comps[0], [comp.head for comp in comps]), members))
+    return plan
+
+
+def _check_contexts(cfg: ModelConfig, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 2 or t.shape[0] == 0 or not 2 <= t.shape[1] <= cfg.n_ctx + 1:
+            raise ValueError(f"{name} must be a non-empty LongTensor [n, L+1] with 2 <= L+1 <= n_ctx+1 = "
+                             f"{cfg.n_ctx + 1}; got shape {tuple(t.shape)}")
+        if t.min() < 0 or t.max() >= cfg.d_vocab:
+            raise ValueError(f"{name} holds token ids outside [0, d_vocab={cfg.d_vocab})")
+    if len({t.shape[1] for t in tensors.values()}) != 1:
+        raise ValueError(f"all contexts must have the same length; got {[tuple(t.shape) for t in tensors.values()]}")
+
+
+def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chains: list[int],
+             sampler: SamplerConfig, train_contexts: torch.Tensor, obs_contexts: torch.Tensor,
+             probe_contexts: torch.Tensor, seed: int, device: torch.device | str = "cpu",
+             mode: str = "batched") -> dict[tuple[str, int], ChainStats]:
+    """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
+
+    w_star: the checkpoint's parameters (any device; used as fp32 master weights on ``device``).
+    train_contexts [N, L+1]: minibatches are drawn from it; obs_contexts [M, L+1]: the fixed baseline
+    contexts of L_n and g; probe_contexts [P, L+1]: the probe tokens, T = P * L in row-major order.
+    Returns {(component, chain): ChainStats} with n_draws draws each. Diverged chains raise
+    (policy "fail") or are returned flagged with a warning (policy "drop"). mode: "batched" or
+    "reference" (the sequential plan, for tests and benchmarks).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if missing := set(param_shapes(model_cfg)) ^ set(w_star):
+        raise ValueError(f"w_star does not match model_cfg; differing parameter names: {sorted(missing)}")
+    if not chains or len(set(chains)) != len(chains) or min(chains) < 0:
+        raise ValueError(f"chains must be distinct non-negative indices, got {chains}")
+    names = resolve_components(model_cfg, components)
+    device = torch.device(device)
+    params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
+    train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
+    _check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
+    ref = reference_values(params, model_cfg, obs, probe)
+    loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
+    schedule_of = lambda comp, chain: minibatch_schedule(  # noqa: E731
+        stream_seed(seed, "minibatch", *(() if sampler.share_minibatches else (comp, chain))),
+        len(train), sampler.n_steps, sampler.batch_size)
+    plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains))
+    results: dict[tuple[str, int], ChainStats] = {}
+    for group, members in plan:
+        generators = [torch_generator(stream_seed(seed, "noise", name, c), device) for name, c in members]
+        schedules = [schedule_of(name, c) for name, c in (members[:1] if sampler.share_minibatches else members)]
+        schedule = torch.from_numpy(np.concatenate(schedules, axis=1)).to(device)
+        w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
+        acc = sample_chains(group, w0, generators, schedule, train, obs, probe, ref, sampler,
+                            model_cfg.loss_chunk_tokens)
+        results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
+    diverged = {key: s.diverged_step for key, s in results.items() if s.diverged}
+    if diverged:
+        message = (f"{len(diverged)} chain(s) diverged (component, chain): first bad step = {diverged}; "
+                   f"lower step_size or nbeta, or raise gamma")
+        if sampler.divergence_policy == "fail":
+            raise RuntimeError(message)
+        warnings.warn(message + "; they are flagged and the estimators drop them", RuntimeWarning, stacklevel=2)
+    return results

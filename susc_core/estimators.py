@@ -1,0 +1,104 @@
+"""Estimators from merged statistics (SCIENCE.md §2): per-token χ̂, dataset-level χ, LLCs, errors.
+
+With means pooled over the chains x draws of a run (diverged chains dropped, with a warning),
+
+    chi_hat^C_t = -( mean_C[g a_t] - mean_C[g] * mean_full[a_t] )
+
+where a_t = A_t - A*_t; the w* shift cancels exactly, so this is the formula of SCIENCE.md §2.
+Standard errors are across chains: the spread of the per-chain estimates / sqrt(chains).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from .diagnostics import ess, g_traces, split_rhat
+from .stats import ChainStats, pool
+
+
+class Estimate(NamedTuple):
+    """A pooled value and its standard error across chains (NaN with fewer than 2 chains)."""
+
+    value: np.ndarray | float
+    se: np.ndarray | float
+
+
+def _kept(chains: Sequence[ChainStats]) -> list[ChainStats]:
+    kept = [c for c in chains if not c.diverged]
+    if len(kept) < len(chains):
+        warnings.warn(f"dropping {len(chains) - len(kept)} diverged chain(s) of {len(chains)}", RuntimeWarning,
+                      stacklevel=3)
+    return kept
+
+
+def _se(per_chain: list) -> np.ndarray | float:
+    values = np.asarray(per_chain, np.float64)
+    return values.std(axis=0, ddof=1) / np.sqrt(len(values)) if len(values) > 1 else np.full(values.shape[1:], np.nan)
+
+
+def per_token_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats]) -> Estimate:
+    """χ̂^C_t for every probe token t: [T] value and standard error (across the component's chains)."""
+    comp, full = _kept(comp), _kept(full)
+    f = pool(full)
+    mean_full_a = f.sum_a / f.count
+
+    def chi(s) -> np.ndarray:
+        return -(s.sum_ga / s.count - (s.sum_g / s.count) * mean_full_a)
+
+    return Estimate(chi(pool(comp)), _se([chi(c) for c in comp]))
+
+
+def probe_means(values: np.ndarray, token_probe: np.ndarray, n_probes: int) -> np.ndarray:
+    """Mean of per-token values [T] over each probe's tokens (token_probe [T] ints) -> [n_probes]."""
+    counts = np.bincount(token_probe, minlength=n_probes)
+    if np.any(counts == 0):
+        raise ValueError(f"probes {np.flatnonzero(counts == 0).tolist()} have no tokens")
+    return np.bincount(token_probe, weights=values, minlength=n_probes) / counts
+
+
+def mixture_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats], token_weights: np.ndarray,
+                delta_h: float) -> Estimate:
+    """χ̂ of the mixture q_h = (1 - δh) q + δh q' whose probe q' weighs tokens by token_weights [T] (sum 1).
+
+    ΔL_h = δh * Σ_t w_t A_t, so the estimate is -Cov[g, ΔL_h] computed from the sums; it estimates
+    δh·χ (the paper's check: slope 1/δh against the token mean).
+    """
+    w = np.asarray(token_weights, np.float64)
+    if not np.isclose(w.sum(), 1.0):
+        raise ValueError(f"token_weights must sum to 1, got {w.sum()}")
+    comp, full = _kept(comp), _kept(full)
+    f = pool(full)
+    mean_full = delta_h * (f.sum_a @ w) / f.count
+
+    def chi(s) -> float:
+        return -(delta_h * (s.sum_ga @ w) / s.count - (s.sum_g / s.count) * mean_full)
+
+    return Estimate(chi(pool(comp)), float(_se([[chi(c)] for c in comp])[0]))
+
+
+def llc(chains: Sequence[ChainStats], nbeta: float) -> Estimate:
+    """LLC nβ·(mean L_n - L_n(w*)) = nβ·mean g: the ordinary LLC on the full run, weight-refined on C."""
+    chains = _kept(chains)
+    p = pool(chains)
+    return Estimate(nbeta * p.sum_g / p.count, float(_se([[nbeta * c.sum_g / c.count] for c in chains])[0]))
+
+
+def mean_loss(chains: Sequence[ChainStats]) -> float:
+    """mean L_n over the draws of the non-diverged chains (nats)."""
+    chains = _kept(chains)
+    p = pool(chains)
+    return chains[0].loss_star + p.sum_g / p.count
+
+
+class Convergence(NamedTuple):
+    rhat: float
+    ess: float
+
+
+def convergence(chains: Sequence[ChainStats]) -> Convergence:
+    """Split-R-hat and ESS of g over a component's non-diverged chains."""
+    traces = g_traces(chains)
+    return Convergence(split_rhat(traces), ess(traces))

@@ -1,0 +1,148 @@
+"""Loss functions for stacks of chains (the ``chains.Group`` protocol), honest and structured.
+
+- ``HonestGroup``: one full forward per chain from the embedding (the sequential reference).
+- ``CachedGroup``: any component; the residual entering the component's first block is computed
+  once per context at w* and shared by every chain (it does not change in a restricted run).
+- ``HeadGroup``: heads of one layer, all chains on an explicit chain axis: only the moving head is
+  recomputed per chain; the rest of the layer's output is cached; for heads of the last attention-only
+  block the logits come through the low-rank change (``lowrank``).
+Shapes: tokens [G, B, S+1] (G = 1 shared by all chains, or one row per chain); losses [k, B, S] nats.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import model as M
+from .components import Component, scatter, unflatten
+from .lowrank import final_map, inv_sigma, lowrank_nll
+
+
+def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
+    """Rows of a per-chain cache tensor, or the shared one (leading axis 1)."""
+    return t if t.shape[0] == 1 else t[rows]
+
+
+def upstream(params: M.Params, cfg: M.ModelConfig, inputs: torch.Tensor, layer: int) -> torch.Tensor:
+    """blocks.{layer}.hook_resid_pre at these params: inputs [n, S] -> [n, S, d_model]."""
+    resid = M.embed(params, inputs)
+    pos = params["pos_embed.W_pos"][:inputs.shape[-1]]
+    for l in range(layer):
+        resid = M.block(params, cfg, l, resid, pos)
+    return resid
+
+
+class HonestGroup:
+    """Chains of one component, each an independent full forward with gradients only for its coordinates."""
+
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component):
+        self.params, self.cfg, self.comp = params, cfg, comp
+
+    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor) -> torch.Tensor:
+        tokens = _rows(cache, rows)
+        return torch.stack([M.per_token_loss(scatter(self.params, self.comp, w[i]), self.cfg,
+                                             tokens[0 if len(tokens) == 1 else i]) for i in range(len(w))])
+
+
+class CachedGroup(HonestGroup):
+    """Like ``HonestGroup`` but starting from the cached residual before the component's first block
+    (components holding W_E change that residual, so they start from their own embedding)."""
+
+    def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if any(p == "embed.W_E" for p, _ in self.comp.slices):
+            return tokens, None
+        g, b, s1 = tokens.shape
+        inputs = tokens[..., :-1].reshape(g * b, s1 - 1)
+        resid = upstream(self.params, self.cfg, inputs, self.comp.layer)
+        return tokens, resid.view(g, b, s1 - 1, -1)
+
+    def losses(self, w: torch.Tensor, rows: slice, cache) -> torch.Tensor:
+        tokens, resid = (None if t is None else _rows(t, rows) for t in cache)
+        out = []
+        for i in range(len(w)):
+            g = 0 if len(tokens) == 1 else i
+            params = scatter(self.params, self.comp, w[i])
+            start = 0 if resid is None else self.comp.layer
+            x = M.final_norm(params, self.cfg, tokens[g, :, :-1], start_layer=start,
+                             resid=None if resid is None else resid[g])
+            out.append(M.unembed_nll(x, params["unembed.W_U"], params["unembed.b_U"], tokens[g, :, 1:],
+                                     self.cfg.loss_chunk_tokens))
+        return torch.stack(out)
+
+
+def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [G, n, d] (G = 1 or k) times per-chain w [k, d, e] -> [k, n, e]; one matmul when shared."""
+    k, d, e = w.shape
+    if x.shape[0] == 1:
+        return (x[0] @ w.permute(1, 0, 2).reshape(d, k * e)).view(-1, k, e).permute(1, 0, 2)
+    return torch.bmm(x, w)
+
+
+class HeadGroup:
+    """Heads of one layer, one chain per row: ``heads[i]`` is the head index of chain row i."""
+
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, layer: int, comp: Component, heads: Sequence[int]):
+        self.params, self.cfg, self.layer, self.comp = params, cfg, layer, comp  # comp: any head of the layer
+        self.heads = torch.tensor(list(heads), device=params["embed.W_E"].device)
+        self.lowrank = layer == cfg.n_layers - 1 and cfg.d_mlp == 0
+        p = f"blocks.{layer}.attn"
+        self.w_o_star = params[f"{p}.W_O"]  # [H, E, D]
+        if self.lowrank:
+            self.fmap = final_map(params, cfg)
+            self.m_star = self.w_o_star @ self.fmap.wc  # [H, E, V]
+
+    def prepare(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        g, b, s1 = tokens.shape
+        s, p, cfg = s1 - 1, f"blocks.{self.layer}", self.cfg
+        resid = upstream(self.params, cfg, tokens[..., :-1].reshape(g * b, s), self.layer)
+        x_norm = M.layer_norm(resid, self.params[f"{p}.ln1.w"], self.params[f"{p}.ln1.b"], cfg.ln_eps)
+        pos = self.params["pos_embed.W_pos"][:s]
+        store = {}
+        attn = M.attention(self.params, cfg, self.layer, x_norm, pos,
+                           {f"{p}.attn.hook_z": lambda z: store.setdefault("z", z)})
+        cache = {"x_v": x_norm, "x_qk": x_norm + pos, "base": resid + attn, "z_star": store["z"],
+                 "targets": tokens[..., 1:].reshape(g * b, s)}
+        if self.lowrank:
+            cache["zb"] = (cache["base"] @ self.fmap.wc).view(g, b * s, -1)
+        return {k: v.reshape(g, b, *v.shape[1:]) if k != "zb" else v for k, v in cache.items()}
+
+    def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+        k, p = len(w), f"blocks.{self.layer}.attn"
+        heads = self.heads[rows]
+        c = {name: _rows(t, rows) for name, t in cache.items()}
+        g, b, s, d = c["x_v"].shape
+        wt = unflatten(self.comp, w)
+        flat = lambda t: t.reshape(t.shape[0], b * s, -1)  # noqa: E731
+        q = (_project(flat(c["x_qk"]), wt[f"{p}.W_Q"]) + wt[f"{p}.b_Q"][:, None]).reshape(k * b, s, -1)
+        kk = (_project(flat(c["x_qk"]), wt[f"{p}.W_K"]) + wt[f"{p}.b_K"][:, None]).reshape(k * b, s, -1)
+        v = (_project(flat(c["x_v"]), wt[f"{p}.W_V"]) + wt[f"{p}.b_V"][:, None]).reshape(k * b, s, -1)
+        scores = torch.bmm(q, kk.transpose(1, 2)) / math.sqrt(self.cfg.d_head)
+        causal = torch.ones(s, s, dtype=torch.bool, device=w.device).tril()
+        pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        z = torch.bmm(pattern, v).view(k, b * s, -1)  # [k, B*S, E]
+        z_star = c["z_star"].reshape(g, b * s, self.cfg.n_heads, -1)
+        z_star = z_star[0, :, heads].transpose(0, 1) if g == 1 else z_star[torch.arange(k), :, heads]  # [k, B*S, E]
+        delta = torch.bmm(z, wt[f"{p}.W_O"]) - torch.bmm(z_star, self.w_o_star[heads])  # [k, B*S, D]
+        resid = c["base"].reshape(g, b * s, d) + delta
+        targets = c["targets"].reshape(g, b * s)
+        if self.lowrank:
+            factors = torch.cat([z, z_star], dim=-1)
+            basis = torch.cat([wt[f"{p}.W_O"] @ self.fmap.wc, -self.m_star[heads]], dim=1)
+            nll = lowrank_nll(c["zb"], factors, basis, inv_sigma(resid, self.cfg.ln_eps), self.fmap.beta,
+                              targets, self.cfg.loss_chunk_tokens)
+            return nll.view(k, b, s)
+        resid = resid.view(k * b, s, d)
+        if self.cfg.d_mlp > 0:
+            l = f"blocks.{self.layer}"
+            x = M.layer_norm(resid, self.params[f"{l}.ln2.w"], self.params[f"{l}.ln2.b"], self.cfg.ln_eps)
+            resid = resid + M.mlp(self.params, self.layer, x)
+        x = M.final_norm(self.params, self.cfg, targets.new_zeros(1, s), start_layer=self.layer + 1, resid=resid)
+        t = targets.expand(k, -1) if g == 1 else targets
+        return M.unembed_nll(x, self.params["unembed.W_U"], self.params["unembed.b_U"], t.reshape(k * b, s),
+                             self.cfg.loss_chunk_tokens).view(k, b, s)

@@ -1,0 +1,60 @@
+"""Deterministic random streams, derived with numpy SeedSequence so no two chains or runs share one.
+
+A stream is named by (root seed, kind, component name, chain index); the component enters through a
+stable hash of its name (never its position in a list), so a chain draws the same numbers whether it
+runs alone, in a group, or in the sequential reference path. Kinds: ``noise`` (SGLD Gaussian noise),
+``minibatch`` (minibatch order), ``observables`` (choice of the fixed observable contexts).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+
+STREAM_KINDS = ("noise", "minibatch", "observables")
+SHARED = ""  # component name of streams shared by every chain of every component (e.g. shared minibatches)
+
+
+def stable_hash(text: str) -> int:
+    """A 64-bit hash of ``text`` that is the same on every machine and Python run."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
+
+
+def stream_seed(seed: int, kind: str, component: str = SHARED, chain: int = -1) -> np.random.SeedSequence:
+    """The SeedSequence of one stream; ``chain=-1`` and ``component=SHARED`` mean "shared"."""
+    if kind not in STREAM_KINDS:
+        raise ValueError(f"unknown stream kind {kind!r}; expected one of {STREAM_KINDS}")
+    if seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed}")
+    return np.random.SeedSequence(seed, spawn_key=(stable_hash(kind), stable_hash(component), chain + 1))
+
+
+def torch_generator(seq: np.random.SeedSequence, device: torch.device | str) -> torch.Generator:
+    """A torch Generator on ``device`` seeded from ``seq`` (63 bits of its state)."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
+    return gen
+
+
+def minibatch_schedule(seq: np.random.SeedSequence, n_contexts: int, n_steps: int, batch_size: int) -> np.ndarray:
+    """Context indices of every step's minibatch, int64 [n_steps, batch_size].
+
+    Each step draws ``batch_size`` distinct contexts uniformly from ``n_contexts``.
+    """
+    if batch_size > n_contexts:
+        raise ValueError(f"batch_size={batch_size} exceeds the {n_contexts} training contexts; lower batch_size")
+    rng = np.random.default_rng(seq)
+    return np.stack([rng.choice(n_contexts, size=batch_size, replace=False) for _ in range(n_steps)]).astype(np.int64)
+
+
+def choose_contexts(seed: int, n_available: int, n: int, label: str = SHARED) -> np.ndarray:
+    """Indices (sorted, distinct) of ``n`` fixed observable contexts out of ``n_available``, int64 [n].
+
+    ``label`` names the set (e.g. a probe domain) so different sets get independent choices.
+    """
+    if n > n_available:
+        raise ValueError(f"asked for {n} observable contexts but only {n_available} exist")
+    rng = np.random.default_rng(stream_seed(seed, "observables", label))
+    return np.sort(rng.choice(n_available, size=n, replace=False)).astype(np.int64)

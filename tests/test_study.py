@@ -1,0 +1,152 @@
+"""End-to-end studies on a tiny model over the real corpus: outputs, Ray = in-process, worker crash,
+resume after interruption, config errors, multirun."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+import workflows.study as study
+
+N_CHAINS, N_PROBES, CTX_PER_PROBE, SEQ = 2, 3, 2, 8
+SMALL = [
+    f"sampler.n_chains={N_CHAINS}", "sampler.n_draws=6", "sampler.batch_size=4",
+    "data.sgld_contexts=32", "data.observable_contexts=4", f"data.seq_len={SEQ}",
+    "perturbation=synthetic", f"perturbation.contexts_per_probe={CTX_PER_PROBE}",
+    "units.components_per_unit=2", "report=false", "head_roles.n_seqs=2", "head_roles.half_len=6",
+]
+
+
+def compose_study(tmp_path, checkpoint, corpus_dir, *overrides, name="run"):
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose("study", overrides=[f"model.checkpoint={checkpoint}", f"data.corpus_dir={corpus_dir}",
+                                          f"run_dir={tmp_path / name}", f"cache_dir={tmp_path / 'cache'}",
+                                          *SMALL, *overrides])
+    return OmegaConf.to_object(cfg)
+
+
+def tables(run_dir):
+    return {name: pq.read_table(run_dir / f"{name}.parquet")
+            for name in ("response_matrix", "token_susceptibilities", "diagnostics", "head_roles", "ablation")}
+
+
+def assert_same_results(a, b):
+    for name in ("response_matrix", "token_susceptibilities", "diagnostics"):
+        assert a[name].equals(b[name]), f"{name} differs"
+
+
+@pytest.fixture
+def inprocess_run(tmp_path, tiny_checkpoint, corpus_dir):
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="inprocess")
+    summary = study.run(cfg)
+    return cfg, summary, tables(tmp_path / "inprocess")
+
+
+def test_outputs_have_the_right_shapes(inprocess_run):
+    cfg, summary, out = inprocess_run
+    n_comp = 4  # L0H0 L0H1 L1H0 L1H1
+    n_tokens = N_PROBES * CTX_PER_PROBE * SEQ
+    assert out["response_matrix"].num_rows == N_PROBES * n_comp
+    assert set(out["response_matrix"].column("probe").to_pylist()) == {"induction", "brackets", "digits"}
+    tok = out["token_susceptibilities"]
+    assert tok.num_rows == n_tokens
+    assert [c for c in tok.column_names if c.startswith("L")] == ["L0H0", "L0H1", "L1H0", "L1H1"]
+    assert b"components" in tok.schema.metadata and b"layers" in tok.schema.metadata
+    assert np.isfinite(tok.column("L1H1").to_numpy()).all() and np.abs(tok.column("L1H1").to_numpy()).max() > 0
+    assert out["diagnostics"].num_rows == (n_comp + 1) * N_CHAINS
+    assert out["head_roles"].num_rows == n_comp and out["ablation"].num_rows == n_tokens
+    # the dataset-level χ is the mean of the per-token χ over the probe's tokens
+    rm = out["response_matrix"].to_pandas().set_index(["probe", "component"])
+    tk = tok.to_pandas()
+    for probe in ("induction", "digits"):
+        assert rm.loc[(probe, "L0H1"), "chi"] == pytest.approx(tk[tk.probe == probe]["L0H1"].mean(), rel=1e-9)
+    assert summary["units_computed"] == summary["units_total"] == 3 * N_CHAINS  # 5 components in groups of 2
+    manifest = (cfg.run_dir and __import__("json").loads(open(f"{cfg.run_dir}/manifest.json").read()))
+    assert manifest["hashes"]["model"] and len(manifest["units"]) == summary["units_total"]
+
+
+def test_ray_equals_inprocess_even_when_a_worker_dies(inprocess_run, tmp_path, tiny_checkpoint, corpus_dir, ray_session):
+    _, _, expected = inprocess_run
+    kill_dir = tmp_path / "kills"
+    kill_dir.mkdir()
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=local", f"cache_dir={tmp_path / 'ray_cache'}",
+                        f"+cluster.kill_worker_once_dir={kill_dir}", name="ray")
+    study.run(cfg)
+    assert (kill_dir / "killed").exists()  # one worker process died mid-study; Ray re-ran its unit
+    assert_same_results(tables(tmp_path / "ray"), expected)
+
+
+def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, tiny_checkpoint, corpus_dir, monkeypatch):
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="first")
+    calls = {"n": 0}
+    real_task = study.unit_task
+
+    def interrupted(unit, shared):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real_task(unit, shared)
+
+    monkeypatch.setattr(study, "unit_task", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        study.run(cfg)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # the two finished units were kept
+    monkeypatch.setattr(study, "unit_task", real_task)
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="second")
+    summary = study.run(cfg)
+    assert (summary["units_cached"], summary["units_computed"]) == (2, summary["units_total"] - 2)
+    again = study.run(compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="third"))
+    assert again["units_computed"] == 0
+    fresh = study.run(compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess",
+                                    f"cache_dir={tmp_path / 'fresh'}", name="fresh"))
+    assert fresh["units_computed"] == fresh["units_total"]
+    assert_same_results(tables(tmp_path / "second"), tables(tmp_path / "fresh"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("sampler.nbeeta=3", "nbeeta"),
+    ("sampler.n_chains=two", "n_chains"),
+    ("cluster.adress=auto", "adress"),
+])
+def test_config_errors_name_the_key(override, message):
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        with pytest.raises(ConfigCompositionException, match=message):
+            compose("study", overrides=[override])
+
+
+def test_unknown_component_lists_valid_names(tmp_path, tiny_checkpoint, corpus_dir):
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", "components.names=[L7H0]")
+    with pytest.raises(ValueError, match="L1H1"):
+        study.run(cfg)
+
+
+def test_unknown_probe_domain_lists_available(tmp_path, tiny_checkpoint, corpus_dir):
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess",
+                        "perturbation.probes=[{name: x, domains: [klingon]}]")
+    with pytest.raises(ValueError, match="klingon.*shakespeare"):
+        study.run(cfg)
+
+
+def test_two_job_multirun_writes_a_sweep_summary(tmp_path, tiny_checkpoint, corpus_dir):
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "workflows.study", "-m", "sampler.nbeta=10,30", "cluster=inprocess",
+           f"model.checkpoint={tiny_checkpoint}", f"data.corpus_dir={corpus_dir}", f"cache_dir={tmp_path / 'cache'}",
+           f"hydra.sweep.dir={sweep}", *SMALL]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = pq.read_table(sweep / "sweep_summary.parquet").to_pandas().sort_values("job")
+    assert list(summary.job) == [0, 1]
+    first, second = summary.overrides
+    assert "sampler.nbeta=10" in first.split() and "sampler.nbeta=30" in second.split()
+    for run_dir in summary.run_dir:
+        assert (Path(run_dir) / "response_matrix.parquet").exists()
+    # nβ scales the LLC: different sweeps give different estimates
+    assert summary.llc_full.iloc[0] != summary.llc_full.iloc[1]

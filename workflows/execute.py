@@ -1,0 +1,164 @@
+"""Fan work units out as Ray tasks (or run them in this process) and keep every finished unit.
+
+Units already in the store are skipped, so an interrupted or repeated study recomputes only what is
+missing. Each finished unit is written to the store the moment it arrives, so Ctrl-C loses nothing
+finished. ``ray.remote`` appears only here.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from tqdm import tqdm
+
+from workflows.plan import WorkUnit
+from workflows.runtime import get_logger
+from workflows.unit_store import UnitStats, UnitStore
+
+log = get_logger("execute")
+
+Task = Callable[[WorkUnit, dict], UnitStats]
+
+
+@dataclass
+class ClusterConfig:
+    """Where and how units run."""
+
+    executor: str = "ray"  # ray | inprocess (same code path without Ray, for debugging and tests)
+    address: str = "local"  # local: private runtime on this machine; auto or ray://host:port: attach
+    num_cpus: int | None = None  # size of a local runtime (None: every core of this machine)
+    num_gpus: int | None = None  # GPUs a local runtime advertises (None: those torch sees)
+    object_store_memory_mb: int = 512  # local runtime's object store
+    task_cpus: float = 1.0  # CPUs reserved per unit (also the unit's torch threads)
+    task_gpus: float = 0.0  # GPU fraction reserved per unit (e.g. 0.25 packs four units per GPU)
+    max_in_flight: int = 0  # cap on submitted, unfinished units; 0: twice the cluster's slots
+    max_retries: int = 3  # Ray re-runs a unit whose worker process died
+    wait_timeout_s: float = 600.0  # no unit finishing for this long means the request cannot be scheduled
+    kill_worker_once_dir: str | None = None  # fault injection for tests: one worker dies mid-study (marker file here)
+    runtime_env: dict = field(default_factory=dict)  # Ray runtime_env for attached clusters (working_dir, pip ...)
+
+
+@dataclass
+class RunReport:
+    """What happened to the units of one study."""
+
+    total: int
+    cached: int
+    computed: int
+    seconds: float
+    where: dict[str, int]  # "host:device" -> units computed there
+
+
+def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_dir: str | None) -> tuple[UnitStats, dict]:
+    """Run one unit; returns its statistics and where/how long it ran."""
+    import torch
+
+    if kill_dir is not None:
+        try:  # the first unit to get here claims the marker and takes its worker down
+            os.close(os.open(os.path.join(kill_dir, "killed"), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            os._exit(1)
+        except FileExistsError:
+            pass
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)  # same thread count in and out of Ray: bitwise-equal reductions
+    start = time.perf_counter()
+    try:
+        stats = task(unit, shared)
+    finally:
+        torch.set_num_threads(previous)
+    return stats, {"host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start,
+                   "device": shared.get("device", "cpu")}
+
+
+def init_ray(cluster: ClusterConfig) -> dict:
+    """Start a private local runtime or attach to ``cluster.address``; returns the cluster's resources."""
+    import ray
+
+    if not ray.is_initialized():
+        if cluster.address == "local":
+            ray.init(address="local", num_cpus=cluster.num_cpus, num_gpus=cluster.num_gpus,
+                     include_dashboard=False, object_store_memory=cluster.object_store_memory_mb * 2**20,
+                     logging_level="WARNING", log_to_driver=False)
+        else:
+            ray.init(address=cluster.address, runtime_env=cluster.runtime_env or None, logging_level="WARNING")
+    resources = ray.cluster_resources()
+    log.info("Ray cluster: %s CPUs, %s GPUs on %d nodes", resources.get("CPU", 0), resources.get("GPU", 0),
+             len([n for n in ray.nodes() if n.get("Alive")]))
+    if cluster.address == "local":
+        if cluster.task_gpus > resources.get("GPU", 0):
+            raise ValueError(f"cluster.task_gpus={cluster.task_gpus} but the local Ray runtime has "
+                             f"{resources.get('GPU', 0)} GPUs; set cluster.task_gpus=0 or run on a GPU machine")
+        if cluster.task_cpus > resources.get("CPU", 0):
+            raise ValueError(f"cluster.task_cpus={cluster.task_cpus} exceeds the local runtime's "
+                             f"{resources.get('CPU', 0)} CPUs; lower cluster.task_cpus")
+    return resources
+
+
+def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, store: UnitStore) -> RunReport:
+    """Compute every unit missing from ``store``; finished units are saved as they arrive."""
+    start = time.perf_counter()
+    todo = [u for u in units if not store.has(u.key)]
+    cached = len(units) - len(todo)
+    log.info("%d work units: %d cached in %s, %d to compute (executor=%s)",
+             len(units), cached, store.root, len(todo), cluster.executor)
+    where: dict[str, int] = {}
+    bar = tqdm(total=len(units), initial=cached, desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
+
+    def finish(unit: WorkUnit, stats: UnitStats, info: dict) -> None:
+        store.save(unit.key, stats)
+        place = f"{info['host']}:{info['device']}"
+        where[place] = where.get(place, 0) + 1
+        log.debug("unit %s finished on %s pid %d in %.1f s", unit.label(), place, info["pid"], info["seconds"])
+        bar.update(1)
+
+    threads = int(cluster.task_cpus) if cluster.task_cpus >= 1 else 1
+    try:
+        if cluster.executor == "inprocess":
+            for unit in todo:
+                finish(unit, *_run_with_info(task, unit, shared, threads, None))
+        elif cluster.executor == "ray":
+            _run_on_ray(todo, task, shared, cluster, threads, finish)
+        else:
+            raise ValueError(f"cluster.executor={cluster.executor!r}; choose 'ray' or 'inprocess'")
+    except KeyboardInterrupt:
+        log.warning("interrupted: %d of %d units are finished and cached in %s; rerun the same command to "
+                    "compute only the rest", sum(store.has(u.key) for u in units), len(units), store.root)
+        raise
+    finally:
+        bar.close()
+    return RunReport(len(units), cached, len(todo), time.perf_counter() - start, where)
+
+
+def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,
+                finish: Callable) -> None:
+    import ray
+
+    resources = init_ray(cluster)
+    slots = max(1, int(resources.get("CPU", 1) // max(cluster.task_cpus, 1e-9)))
+    cap = cluster.max_in_flight or 2 * slots
+    shared_ref = ray.put(shared)  # weights and contexts go into the object store once
+    remote = ray.remote(_run_with_info).options(num_cpus=cluster.task_cpus, num_gpus=cluster.task_gpus,
+                                                max_retries=cluster.max_retries, num_returns=1)
+    pending: dict = {}
+    queue = list(todo)
+    try:
+        while queue or pending:
+            while queue and len(pending) < cap:
+                unit = queue.pop(0)
+                pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir)] = unit
+            done, _ = ray.wait(list(pending), num_returns=1, timeout=cluster.wait_timeout_s)
+            if not done:
+                raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s; the cluster may lack the "
+                                   f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus})")
+            for ref in done:
+                unit = pending.pop(ref)
+                finish(unit, *ray.get(ref))
+    except BaseException:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+        raise

@@ -1,0 +1,134 @@
+"""Build the study's output tables from reduced statistics (run-directory schema in README.md).
+
+Every table carries schema metadata: the component list and layers, the estimator, the units.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from susc_core.components import component
+from susc_core.estimators import convergence, llc, mixture_chi, per_token_chi
+from susc_core.diagnostics import ess
+from susc_core.model import ModelConfig
+from susc_core.stats import ChainStats
+
+FULL = "full"
+
+
+def _meta(components: list[str], layers: dict[str, int], **extra) -> dict[str, str]:
+    return {"components": json.dumps(components), "layers": json.dumps(layers),
+            **{k: json.dumps(v) for k, v in extra.items()}}
+
+
+def layers_of(cfg: ModelConfig, components: list[str]) -> dict[str, int]:
+    """component -> the layer it belongs to (-1 for embed, n_layers for unembed/full)."""
+    return {name: component(cfg, name).layer for name in components}
+
+
+def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[str]]) -> dict[str, np.ndarray | list]:
+    """Key columns of the per-token tables; position t predicts token t+1 of its context.
+
+    probe_tokens: [P, L+1] ids. Returns column -> values of length T = P·L (row-major).
+    """
+    n_ctx, width = probe_tokens.shape
+    positions = np.tile(np.arange(width - 1, dtype=np.int32), n_ctx)
+    rows = np.repeat(np.arange(n_ctx), width - 1)
+    return {
+        "probe": np.asarray(probe_rows.column("probe").to_pylist(), dtype=object)[rows],
+        "domain": np.asarray(probe_rows.column("domain").to_pylist(), dtype=object)[rows],
+        "context_id": probe_rows.column("context_id").to_numpy()[rows],
+        "position": positions,
+        "token_id": probe_tokens[:, 1:].reshape(-1).astype(np.int32),
+        "token_text": [t for ctx in texts for t in ctx[1:]],
+    }
+
+
+def token_table(keys: dict, chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int]) -> pa.Table:
+    """token_susceptibilities: key columns + one raw χ̂ column per component."""
+    columns = {k: pa.array(list(v) if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in keys.items()}
+    columns |= {name: pa.array(chi[name], pa.float64()) for name in components}
+    return pa.table(columns).replace_schema_metadata(_meta(components, layers, estimator="chi_hat_xy"))
+
+
+def zscore(values: np.ndarray) -> np.ndarray:
+    """Column-wise z-score [rows, cols] (a constant column stays 0)."""
+    std = values.std(axis=0)
+    return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
+def response_table(probe_names: list[str], token_probe: np.ndarray, stats: dict[str, list[ChainStats]],
+                   chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int],
+                   delta_h: float) -> pa.Table:
+    """Long response matrix: one row per (probe, component), raw, standardised, SE, mixture estimate.
+
+    token_probe: [T] index into probe_names of each probe token.
+    """
+    n_probes = len(probe_names)
+    counts = np.bincount(token_probe, minlength=n_probes)
+    raw = np.stack([np.bincount(token_probe, weights=chi[c], minlength=n_probes) / counts for c in components], axis=1)
+    std = zscore(raw)
+    records = []
+    for j, comp in enumerate(components):
+        for i, probe in enumerate(probe_names):
+            weights = (token_probe == i) / counts[i]
+            per_chain = [mixture_chi([c], stats[FULL], weights, 1.0).value for c in stats[comp] if not c.diverged]
+            se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
+            records.append({"probe": probe, "component": comp, "layer": layers[comp], "chi": raw[i, j],
+                            "chi_se": se, "chi_std": std[i, j],
+                            "chi_mixture": mixture_chi(stats[comp], stats[FULL], weights, delta_h).value,
+                            "n_tokens": int(counts[i])})
+    return pa.Table.from_pylist(records).replace_schema_metadata(
+        _meta(components, layers, delta_h=delta_h, standardisation="z-score per component over probes"))
+
+
+def token_response_table(keys: dict, chi: dict[str, np.ndarray], se: dict[str, np.ndarray],
+                         rows: np.ndarray, components: list[str], layers: dict[str, int]) -> pa.Table:
+    """Response matrix of the `tokens` family: each sampled probe token (indices ``rows``) is a row."""
+    names = [f"{keys['probe'][t]}#{keys['context_id'][t]}:{keys['position'][t]}" for t in rows]
+    raw = np.stack([chi[c][rows] for c in components], axis=1)
+    std = zscore(raw)
+    records = [{"probe": names[i], "component": comp, "layer": layers[comp], "chi": raw[i, j],
+                "chi_se": float(se[comp][t]), "chi_std": std[i, j], "chi_mixture": float("nan"), "n_tokens": 1}
+               for j, comp in enumerate(components) for i, t in enumerate(rows)]
+    return pa.Table.from_pylist(records).replace_schema_metadata(_meta(components, layers, family="tokens"))
+
+
+def diagnostics_table(stats: dict[str, list[ChainStats]], nbeta: float, chains: dict[str, list[int]]) -> pa.Table:
+    """One row per (component, chain): R-hat of the component's run, per-chain ESS, divergence, LLC."""
+    records = []
+    for comp in sorted(stats):
+        kept = [c for c in stats[comp] if not c.diverged]
+        run = convergence(stats[comp]) if len(kept) > 1 else None
+        pooled = llc(stats[comp], nbeta) if kept else None
+        for chain, s in zip(chains[comp], stats[comp]):
+            records.append({
+                "component": comp, "chain": chain,
+                "rhat": float(run.rhat) if run else float("nan"),
+                "ess": float(ess(s.g_trace[None, :])) if s.count > 3 else float("nan"),
+                "diverged": bool(s.diverged), "diverged_step": int(s.diverged_step),
+                "llc": nbeta * s.sum_g / s.count, "mean_g": s.sum_g / s.count,
+                "llc_run": float(pooled.value) if pooled else float("nan"),
+                "llc_run_se": float(pooled.se) if pooled else float("nan"),
+                "loss_star": s.loss_star,
+            })
+    return pa.Table.from_pylist(records).replace_schema_metadata(
+        {"llc": json.dumps("weight-refined LLC nβ·mean g for components, ordinary LLC for 'full'")})
+
+
+def per_token(stats: dict[str, list[ChainStats]], components: list[str]) -> tuple[dict, dict]:
+    """χ̂_xy and its standard error across chains for every component: ({c: [T]}, {c: [T]})."""
+    chi, se = {}, {}
+    for comp in components:
+        est = per_token_chi(stats[comp], stats[FULL])
+        chi[comp], se[comp] = np.asarray(est.value), np.asarray(est.se)
+    return chi, se
+
+
+def write_parquet(table: pa.Table, path: Path) -> None:
+    pq.write_table(table, path, compression="zstd")

@@ -1,0 +1,181 @@
+"""The main job: ``python -m workflows.study`` turns a config into a response matrix.
+
+plan units (component group × chain group × probe shard) -> run the missing ones on Ray (or in
+process), caching each as it finishes -> reduce in a fixed order -> estimators -> Parquet outputs,
+manifest and HTML report in the run directory. With ``-m`` every job of the sweep shares one Ray
+runtime and a ``sweep_summary.parquet`` gathers one row per job.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import hydra
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from susc_core.components import resolve_components
+from susc_core.engine import run_unit
+from susc_core.head_roles import ablation_loss_deltas, head_labels, head_scores
+from susc_core.synthetic import repeated_random
+from workflows import outputs
+from workflows.execute import RunReport, run_units
+from workflows.plan import WorkUnit, plan_units
+from workflows.reduce import collect, to_fields
+from workflows.runtime import get_logger, register_resolvers, resolve_device
+from workflows.study_config import StudyConfig, register
+from workflows.study_data import StudyInputs, load_inputs, token_texts
+from workflows.unit_store import UnitStore
+
+log = get_logger("study")
+register()
+register_resolvers()
+
+
+def unit_task(unit: WorkUnit, shared: dict) -> dict:
+    """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields."""
+    stats = run_unit(shared["model_cfg"], shared["w_star"], list(unit.components), list(unit.chains),
+                     shared["sampler"], shared["train"], shared["obs"], shared["probe_shards"][unit.shard],
+                     shared["seed"], device=shared["device"])
+    return to_fields(stats)
+
+
+def _code_version() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray]:
+    """head_roles table and ablation deltas [heads, T] on the probe tokens."""
+    mc = inputs.model_cfg
+    half = min(cfg.head_roles.half_len, mc.n_ctx // 2)
+    tokens = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 2]), cfg.head_roles.n_seqs, half, 1, mc.d_vocab))
+    scores = {k: v.flatten().numpy() for k, v in head_scores(inputs.w_star, mc, tokens).items()}
+    labels = head_labels(mc)
+    table = pa.table({"component": labels, "layer": [i // mc.n_heads for i in range(len(labels))],
+                      "head": [i % mc.n_heads for i in range(len(labels))], **scores})
+    deltas = ablation_loss_deltas(inputs.w_star, mc, inputs.probe) if cfg.head_roles.ablation else None
+    return table, (deltas.reshape(len(labels), -1).numpy() if deltas is not None else None)
+
+
+def _shared(cfg: StudyConfig, inputs: StudyInputs, device: torch.device) -> dict:
+    shards = [s for s in torch.tensor_split(inputs.probe, cfg.units.probe_shards) if len(s)]
+    if len(shards) != cfg.units.probe_shards:
+        raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
+    return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "sampler": cfg.sampler, "train": inputs.train,
+            "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": str(device)}
+
+
+def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
+    """Run one study; returns its summary (also the sweep-summary row). ``resolved``: the config as a dict."""
+    start = time.perf_counter()
+    run_dir = Path(cfg.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(cfg.model.device)
+    inputs = load_inputs(cfg)
+    mc = inputs.model_cfg
+    components = [c for c in resolve_components(mc, list(cfg.components.names)) if c != outputs.FULL]
+    if not components:
+        raise ValueError(f"components.names={list(cfg.components.names)} selects no component besides 'full'")
+    planned = components + [outputs.FULL]
+    fingerprint = {"sampler": asdict(cfg.sampler), "hashes": inputs.hashes, "seed": cfg.seed,
+                   "data": asdict(cfg.data), "probes": inputs.probe_rows.select(["probe", "domain", "context_id"]).to_pydict(),
+                   "shards": cfg.units.probe_shards}
+    units = plan_units(planned, cfg.sampler.n_chains, cfg.units.probe_shards, cfg.units.components_per_unit,
+                       cfg.units.chains_per_unit, fingerprint)
+    log.info("study: %d components + full × %d chains × %d draws; %d probe contexts (%d tokens) in %d shard(s); "
+             "%d units; device %s", len(components), cfg.sampler.n_chains, cfg.sampler.n_draws, len(inputs.probe),
+             inputs.probe[:, 1:].numel(), cfg.units.probe_shards, len(units), device)
+    store = UnitStore(cfg.cache_dir)
+    report: RunReport = run_units(units, unit_task, _shared(cfg, inputs, device), cfg.cluster, store)
+    stats = collect(units, {u.key: store.load(u.key) for u in units})
+    chains = {comp: list(range(cfg.sampler.n_chains)) for comp in stats}
+
+    layers = outputs.layers_of(mc, components)
+    texts = token_texts(cfg.data.corpus_dir, inputs.probe_rows, inputs.probe.shape[1])
+    keys = outputs.token_keys(inputs.probe_rows, inputs.probe.numpy(), texts)
+    chi, se = outputs.per_token(stats, components)
+    probe_names = list(dict.fromkeys(keys["probe"]))
+    token_probe = np.asarray([probe_names.index(p) for p in keys["probe"]])
+    outputs.write_parquet(outputs.token_table(keys, chi, components, layers), run_dir / "token_susceptibilities.parquet")
+    if cfg.perturbation.family == "tokens":
+        rng = np.random.default_rng([cfg.seed, 3])
+        rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(token_probe == i),
+                                                  min(cfg.perturbation.tokens_per_probe, int((token_probe == i).sum())),
+                                                  replace=False) for i in range(len(probe_names))]))
+        matrix = outputs.token_response_table(keys, chi, se, rows, components, layers)
+    else:
+        matrix = outputs.response_table(probe_names, token_probe, stats, chi, components, layers, cfg.perturbation.delta_h)
+    outputs.write_parquet(matrix, run_dir / "response_matrix.parquet")
+    diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains)
+    outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
+    roles, deltas = _head_roles(inputs, cfg)
+    outputs.write_parquet(roles, run_dir / "head_roles.parquet")
+    if deltas is not None:
+        ablation = {k: keys[k] for k in ("probe", "context_id", "position")}
+        ablation |= dict(zip(roles.column("component").to_pylist(), deltas))
+        outputs.write_parquet(pa.table({k: list(v) if isinstance(v, np.ndarray) and v.dtype == object else v
+                                        for k, v in ablation.items()}), run_dir / "ablation.parquet")
+
+    summary = {
+        "run_dir": str(run_dir), "units_total": report.total, "units_cached": report.cached,
+        "units_computed": report.computed, "units_seconds": report.seconds, "wall_s": time.perf_counter() - start,
+        "llc_full": next(r["llc_run"] for r in diagnostics.to_pylist() if r["component"] == outputs.FULL),
+        "n_diverged": sum(r["diverged"] for r in diagnostics.to_pylist()),
+        "max_rhat": float(np.nanmax(diagnostics["rhat"].to_numpy())),
+    }
+    manifest = {"config": resolved or asdict(cfg), "code_version": _code_version(), "hashes": inputs.hashes,
+                "seed": cfg.seed, "units": [asdict(u) for u in units], "where": report.where,
+                "cluster_resources": _cluster_resources(cfg), "timings": summary}
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    if cfg.report:
+        from workflows.report import write_report
+
+        path = write_report(run_dir, cfg.analysis)
+        log.info("report: %s", path)
+    log.info("study done in %.1f s (%d units computed, %d cached): %s", summary["wall_s"], report.computed,
+             report.cached, run_dir)
+    return summary
+
+
+def _cluster_resources(cfg: StudyConfig) -> dict:
+    if cfg.cluster.executor != "ray":
+        return {"executor": cfg.cluster.executor}
+    import ray
+
+    return dict(ray.cluster_resources()) if ray.is_initialized() else {}
+
+
+def append_sweep_row(sweep_dir: Path, row: dict) -> None:
+    """Add one job's summary to ``sweep_dir/sweep_summary.parquet`` (rewritten whole: it is small)."""
+    path = sweep_dir / "sweep_summary.parquet"
+    rows = pq.read_table(path).to_pylist() if path.exists() else []
+    rows = [r for r in rows if r["job"] != row["job"]] + [row]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="study")
+def main(cfg: DictConfig) -> dict:
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    study_cfg: StudyConfig = OmegaConf.to_object(cfg)
+    summary = run(study_cfg, resolved)
+    hc = HydraConfig.get()
+    if hc.mode.name == "MULTIRUN":
+        row = {"job": hc.job.num, "overrides": " ".join(hc.overrides.task)} | summary
+        append_sweep_row(Path(hc.sweep.dir), row)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""The study's structured config: one dataclass per config group (conf/<group>/), so a wrong key or
+type fails at composition, before any work starts, with Hydra naming the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from susc_core.analysis.config import AnalysisConfig
+from susc_core.sgld import SamplerConfig
+from workflows.execute import ClusterConfig
+
+FAMILIES = ("domains", "mixture", "tokens")
+
+
+@dataclass
+class ModelSection:
+    """Which trained model to study (conf/model/)."""
+
+    checkpoint: str = "${asset:default_model.safetensors}"
+    device: str = "auto"  # auto: CUDA when present, else CPU
+
+
+@dataclass
+class DataSection:
+    """Baseline data q (conf/data/): the SGLD minibatch pool and the fixed observable contexts."""
+
+    corpus_dir: str = "data/corpus"
+    sgld_contexts: int = 1024  # training contexts SGLD minibatches are drawn from
+    observable_contexts: int = 32  # fixed baseline contexts for L_n(draw) and g = L_n(draw) - L_n(w*)
+    seq_len: int = 0  # tokens per context fed to the model (contexts are truncated); 0: the model's n_ctx
+
+
+@dataclass
+class ProbeSpec:
+    """One probe distribution q': a corpus domain, or a weighted mixture of domains."""
+
+    name: str = ""
+    domains: list[str] = field(default_factory=list)
+    weights: list[float] = field(default_factory=list)  # mixture weights (empty: equal)
+
+
+@dataclass
+class PerturbationSection:
+    """The perturbation family (conf/perturbation/): what the rows of the response matrix are.
+
+    domains: one probe per corpus domain; mixture: weighted mixtures of domains; tokens: single
+    tokens in context (each sampled probe token is its own row).
+    """
+
+    family: str = "domains"
+    probes: list[ProbeSpec] = field(default_factory=list)
+    contexts_per_probe: int = 8  # probe contexts per probe (every position is a probe token)
+    tokens_per_probe: int = 64  # family=tokens: rows sampled per probe
+    delta_h: float = 0.1  # mixture weight of the δh-mixture estimate (it estimates δh·χ)
+
+
+@dataclass
+class ComponentsSection:
+    """Components to study (conf/components/); names or globs, e.g. L1H6, L0, L*H*, embed, unembed."""
+
+    names: list[str] = field(default_factory=lambda: ["L*H*"])
+
+
+@dataclass
+class UnitsSection:
+    """How the study is split into work units (one Ray task each)."""
+
+    components_per_unit: int = 0  # 0: every component in one unit (best batching on one machine)
+    chains_per_unit: int = 1
+    probe_shards: int = 1  # the probe tokens split into this many shards (each re-runs the chains)
+
+
+@dataclass
+class HeadRolesSection:
+    """Head-role probes written next to the matrix for validation."""
+
+    n_seqs: int = 16  # repeated random sequences
+    half_len: int = 50  # tokens before the repeat
+    ablation: bool = True  # per-token zero-ablation loss deltas of every head on the probe tokens
+
+
+@dataclass
+class StudyConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    data: DataSection = field(default_factory=DataSection)
+    perturbation: PerturbationSection = field(default_factory=PerturbationSection)
+    sampler: SamplerConfig = MISSING  # conf/sampler/ must set step_size, nbeta and gamma: no silent defaults
+    components: ComponentsSection = field(default_factory=ComponentsSection)
+    analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    units: UnitsSection = field(default_factory=UnitsSection)
+    head_roles: HeadRolesSection = field(default_factory=HeadRolesSection)
+    seed: int = 0
+    run_dir: str = "${hydra:runtime.output_dir}"
+    cache_dir: str = "outputs/unit_cache"  # finished units, shared by every run (resume + idempotence)
+    report: bool = True  # write report.html at the end
+
+
+def register() -> None:
+    ConfigStore.instance().store(name="study_schema", node=StudyConfig)
