@@ -54,14 +54,16 @@ def _pass_rows(n_chains: int, chains_per_pass: int) -> list[slice]:
 
 
 @torch.no_grad()
-def _observe(group: Group, w: torch.Tensor, tokens: torch.Tensor, chunk_tokens: int,
-             chains_per_pass: int) -> torch.Tensor:
-    """Per-token losses [K, n, S] of every chain on fixed contexts tokens [n, S+1] (float32)."""
-    out = []
-    for c in context_chunks(len(tokens), tokens.shape[1] - 1, chunk_tokens):
-        cache = group.prepare(tokens[c].unsqueeze(0))
-        out.append(torch.cat([group.losses(w[r], r, cache).float() for r in _pass_rows(len(w), chains_per_pass)]))
-    return torch.cat(out, dim=1)
+def _fixed_caches(group: Group, tokens: torch.Tensor, chunk_tokens: int) -> list:
+    """``group.prepare`` of each context chunk of the fixed contexts tokens [n, S+1], computed once per run."""
+    return [group.prepare(tokens[c].unsqueeze(0)) for c in context_chunks(len(tokens), tokens.shape[1] - 1, chunk_tokens)]
+
+
+@torch.no_grad()
+def _observe(group: Group, w: torch.Tensor, caches: list, chains_per_pass: int) -> torch.Tensor:
+    """Per-token losses [K, n, S] of every chain on fixed contexts (their ``_fixed_caches``), float32."""
+    return torch.cat([torch.cat([group.losses(w[r], r, cache).float() for r in _pass_rows(len(w), chains_per_pass)])
+                      for cache in caches], dim=1)
 
 
 def sample_chains(group: Group, w_star: torch.Tensor, generators: Sequence[torch.Generator],
@@ -79,6 +81,7 @@ def sample_chains(group: Group, w_star: torch.Tensor, generators: Sequence[torch
     low_precision = sampler.forward_dtype != "float32"
     autocast = (lambda: torch.autocast(device.type, dtype=getattr(torch, sampler.forward_dtype))) \
         if low_precision else contextlib.nullcontext
+    obs_caches, probe_caches = (_fixed_caches(group, t, chunk_tokens) for t in (obs, probe))
     draw = 0
     for step in range(1, sampler.n_steps + 1):
         tokens = train[schedule[step - 1]].view(-1, sampler.batch_size, train.shape[1])
@@ -96,10 +99,10 @@ def sample_chains(group: Group, w_star: torch.Tensor, generators: Sequence[torch
         w = sgld_update(w, torch.cat(grads), w_star, noise, sampler.step_size, sampler.nbeta, sampler.gamma)
         mark_divergence(acc, step, ~torch.isfinite(batch_loss) | (batch_loss > ref.loss_star + sampler.blowup_nats))
         if sampler.is_draw(step):
-            obs_losses = _observe(group, w, obs, chunk_tokens, sampler.chains_per_pass)
+            obs_losses = _observe(group, w, obs_caches, sampler.chains_per_pass)
             loss_n = obs_losses.mean(dim=(1, 2))  # [K]
             g = loss_n - ref.loss_star
-            a = _observe(group, w, probe, chunk_tokens, sampler.chains_per_pass).flatten(1) - loss_n[:, None] - ref.a_star
+            a = _observe(group, w, probe_caches, sampler.chains_per_pass).flatten(1) - loss_n[:, None] - ref.a_star
             bad = ~torch.isfinite(g) | (g > sampler.blowup_nats) | ~torch.isfinite(a).all(dim=1)
             mark_divergence(acc, step, bad)
             add_draw(acc, draw, g, a)

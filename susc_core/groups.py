@@ -18,7 +18,8 @@ import torch
 
 from . import model as M
 from .components import Component, scatter, unflatten
-from .lowrank import final_map, inv_sigma, lowrank_nll
+from .fused_nll import fused_nll
+from .lowrank import final_map, inv_sigma
 
 
 def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
@@ -71,8 +72,9 @@ class CachedGroup(HonestGroup):
             start = 0 if resid is None else self.comp.layer
             x = M.final_norm(params, self.cfg, tokens[g, :, :-1], start_layer=start,
                              resid=None if resid is None else resid[g])
-            out.append(M.unembed_nll(x, params["unembed.W_U"], params["unembed.b_U"], tokens[g, :, 1:],
-                                     self.cfg.loss_chunk_tokens))
+            nll = fused_nll(x.reshape(1, -1, x.shape[-1]), params["unembed.W_U"][None], params["unembed.b_U"],
+                            tokens[g, :, 1:].reshape(1, -1), self.cfg.loss_chunk_tokens)
+            out.append(nll.view(x.shape[:-1]))
         return torch.stack(out)
 
 
@@ -108,9 +110,7 @@ class HeadGroup:
                            {f"{p}.attn.hook_z": lambda z: store.setdefault("z", z)})
         cache = {"x_v": x_norm, "x_qk": x_norm + pos, "base": resid + attn, "z_star": store["z"],
                  "targets": tokens[..., 1:].reshape(g * b, s)}
-        if self.lowrank:
-            cache["zb"] = (cache["base"] @ self.fmap.wc).view(g, b * s, -1)
-        return {k: v.reshape(g, b, *v.shape[1:]) if k != "zb" else v for k, v in cache.items()}
+        return {k: v.reshape(g, b, *v.shape[1:]) for k, v in cache.items()}
 
     def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor]) -> torch.Tensor:
         k, p = len(w), f"blocks.{self.layer}.attn"
@@ -134,8 +134,9 @@ class HeadGroup:
         if self.lowrank:
             factors = torch.cat([z, z_star], dim=-1)
             basis = torch.cat([wt[f"{p}.W_O"] @ self.fmap.wc, -self.m_star[heads]], dim=1)
-            nll = lowrank_nll(c["zb"], factors, basis, inv_sigma(resid, self.cfg.ln_eps), self.fmap.beta,
-                              targets, self.cfg.loss_chunk_tokens)
+            nll = fused_nll(factors, basis, self.fmap.beta, targets, self.cfg.loss_chunk_tokens,
+                            scale=inv_sigma(resid, self.cfg.ln_eps), base=c["base"].reshape(g, b * s, d),
+                            w_base=self.fmap.wc)
             return nll.view(k, b, s)
         resid = resid.view(k * b, s, d)
         if self.cfg.d_mlp > 0:
@@ -144,5 +145,5 @@ class HeadGroup:
             resid = resid + M.mlp(self.params, self.layer, x)
         x = M.final_norm(self.params, self.cfg, targets.new_zeros(1, s), start_layer=self.layer + 1, resid=resid)
         t = targets.expand(k, -1) if g == 1 else targets
-        return M.unembed_nll(x, self.params["unembed.W_U"], self.params["unembed.b_U"], t.reshape(k * b, s),
-                             self.cfg.loss_chunk_tokens).view(k, b, s)
+        return fused_nll(x.reshape(1, k * b * s, d), self.params["unembed.W_U"][None], self.params["unembed.b_U"],
+                         t.reshape(1, -1), self.cfg.loss_chunk_tokens).view(k, b, s)

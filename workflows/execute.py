@@ -72,7 +72,7 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
     finally:
         torch.set_num_threads(previous)
     return stats, {"host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start,
-                   "device": shared.get("device", "cpu")}
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
 
 
 def init_ray(cluster: ClusterConfig) -> dict:

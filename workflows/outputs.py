@@ -34,13 +34,18 @@ def layers_of(cfg: ModelConfig, components: list[str]) -> dict[str, int]:
 def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[str]]) -> dict[str, np.ndarray | list]:
     """Key columns of the per-token tables; position t predicts token t+1 of its context.
 
-    probe_tokens: [P, L+1] ids. Returns column -> values of length T = P·L (row-major).
+    probe_tokens: [P, L+1] ids. Returns column -> values of length T = P·L (row-major). ``half``
+    alternates a/b over each probe's contexts: the δh-mixture estimate uses half b only, so that
+    validation can compare it with the per-token aggregate over the disjoint half a.
     """
     n_ctx, width = probe_tokens.shape
     positions = np.tile(np.arange(width - 1, dtype=np.int32), n_ctx)
     rows = np.repeat(np.arange(n_ctx), width - 1)
+    probes = probe_rows.column("probe").to_pylist()
+    rank = [probes[:i].count(p) for i, p in enumerate(probes)]  # index of the context within its probe
     return {
-        "probe": np.asarray(probe_rows.column("probe").to_pylist(), dtype=object)[rows],
+        "probe": np.asarray(probes, dtype=object)[rows],
+        "half": np.asarray(["a" if r % 2 == 0 else "b" for r in rank], dtype=object)[rows],
         "domain": np.asarray(probe_rows.column("domain").to_pylist(), dtype=object)[rows],
         "context_id": probe_rows.column("context_id").to_numpy()[rows],
         "position": positions,
@@ -62,26 +67,31 @@ def zscore(values: np.ndarray) -> np.ndarray:
     return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
-def response_table(probe_names: list[str], token_probe: np.ndarray, stats: dict[str, list[ChainStats]],
-                   chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int],
-                   delta_h: float) -> pa.Table:
+def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.ndarray,
+                   stats: dict[str, list[ChainStats]], chi: dict[str, np.ndarray], components: list[str],
+                   layers: dict[str, int], delta_h: float) -> pa.Table:
     """Long response matrix: one row per (probe, component), raw, standardised, SE, mixture estimate.
 
-    token_probe: [T] index into probe_names of each probe token.
+    token_probe: [T] index into probe_names of each probe token; half: [T] "a"/"b" (see token_keys).
+    ``chi`` is the mean χ̂_xy over all the probe's tokens; ``chi_mixture`` the δh-mixture estimate
+    -Cov[g, ΔL_h] on the probe's half-b contexts (an estimate of δh·χ from disjoint data).
     """
     n_probes = len(probe_names)
     counts = np.bincount(token_probe, minlength=n_probes)
     raw = np.stack([np.bincount(token_probe, weights=chi[c], minlength=n_probes) / counts for c in components], axis=1)
     std = zscore(raw)
     records = []
+    held_out = np.asarray(half) == "b"
     for j, comp in enumerate(components):
         for i, probe in enumerate(probe_names):
             weights = (token_probe == i) / counts[i]
+            mix_tokens = (token_probe == i) & held_out
+            mix_weights = mix_tokens / mix_tokens.sum() if mix_tokens.any() else weights
             per_chain = [mixture_chi([c], stats[FULL], weights, 1.0).value for c in stats[comp] if not c.diverged]
             se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
             records.append({"probe": probe, "component": comp, "layer": layers[comp], "chi": raw[i, j],
                             "chi_se": se, "chi_std": std[i, j],
-                            "chi_mixture": mixture_chi(stats[comp], stats[FULL], weights, delta_h).value,
+                            "chi_mixture": mixture_chi(stats[comp], stats[FULL], mix_weights, delta_h).value,
                             "n_tokens": int(counts[i])})
     return pa.Table.from_pylist(records).replace_schema_metadata(
         _meta(components, layers, delta_h=delta_h, standardisation="z-score per component over probes"))

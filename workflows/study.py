@@ -44,7 +44,7 @@ def unit_task(unit: WorkUnit, shared: dict) -> dict:
     """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields."""
     stats = run_unit(shared["model_cfg"], shared["w_star"], list(unit.components), list(unit.chains),
                      shared["sampler"], shared["train"], shared["obs"], shared["probe_shards"][unit.shard],
-                     shared["seed"], device=shared["device"])
+                     shared["seed"], device=resolve_device(shared["device"]))  # resolved where the unit runs
     return to_fields(stats)
 
 
@@ -69,12 +69,12 @@ def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.nda
     return table, (deltas.reshape(len(labels), -1).numpy() if deltas is not None else None)
 
 
-def _shared(cfg: StudyConfig, inputs: StudyInputs, device: torch.device) -> dict:
+def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
     shards = [s for s in torch.tensor_split(inputs.probe, cfg.units.probe_shards) if len(s)]
     if len(shards) != cfg.units.probe_shards:
         raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
     return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "sampler": cfg.sampler, "train": inputs.train,
-            "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": str(device)}
+            "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": cfg.model.device}
 
 
 def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
@@ -82,7 +82,9 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     start = time.perf_counter()
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(cfg.model.device)
+    attached = cfg.cluster.executor == "ray" and cfg.cluster.address != "local"
+    # on an attached cluster the driver may sit on a CPU head: workers resolve the device themselves
+    device = cfg.model.device if attached else str(resolve_device(cfg.model.device))
     inputs = load_inputs(cfg)
     mc = inputs.model_cfg
     components = [c for c in resolve_components(mc, list(cfg.components.names)) if c != outputs.FULL]
@@ -98,7 +100,7 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
              "%d units; device %s", len(components), cfg.sampler.n_chains, cfg.sampler.n_draws, len(inputs.probe),
              inputs.probe[:, 1:].numel(), cfg.units.probe_shards, len(units), device)
     store = UnitStore(cfg.cache_dir)
-    report: RunReport = run_units(units, unit_task, _shared(cfg, inputs, device), cfg.cluster, store)
+    report: RunReport = run_units(units, unit_task, _shared(cfg, inputs), cfg.cluster, store)
     stats = collect(units, {u.key: store.load(u.key) for u in units})
     chains = {comp: list(range(cfg.sampler.n_chains)) for comp in stats}
 
@@ -116,7 +118,8 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
                                                   replace=False) for i in range(len(probe_names))]))
         matrix = outputs.token_response_table(keys, chi, se, rows, components, layers)
     else:
-        matrix = outputs.response_table(probe_names, token_probe, stats, chi, components, layers, cfg.perturbation.delta_h)
+        matrix = outputs.response_table(probe_names, token_probe, keys["half"], stats, chi, components, layers,
+                                         cfg.perturbation.delta_h)
     outputs.write_parquet(matrix, run_dir / "response_matrix.parquet")
     diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains)
     outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")

@@ -11,6 +11,7 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from susc_core.analysis.config import ValidationRules
 from susc_core.analysis.pca import PCAResult
@@ -74,12 +75,16 @@ def aggregation_slope(tokens: pa.Table, response: pa.Table, components: Sequence
                       delta_h: float | None, rules: ValidationRules) -> Check:
     """Least-squares slope and Pearson r of the aggregated per-token χ (mean of χ̂_xy over a
     probe's tokens) against the dataset-level δh-mixture estimate, over (probe, component) pairs.
-    The mixture estimates δh·χ, so the slope should be ≈ 1/δh (paper: r 0.958, slope 9.794)."""
+    The mixture estimates δh·χ, so the slope should be ≈ 1/δh (paper: r 0.958, slope 9.794). When the
+    token table has a ``half`` column, only half-a tokens are aggregated: the study computes the
+    mixture estimate on the disjoint half-b contexts, so the two estimates share no data."""
     name = "aggregated per-token vs dataset-level χ"
     if delta_h is None or delta_h <= 0:
         return _skip(name, "the manifest has no positive perturbation.delta_h")
     if "chi_mixture" not in response.column_names:
         return _skip(name, "response_matrix.parquet has no chi_mixture column")
+    if "half" in tokens.column_names:  # the mixture estimate used half b: aggregate the disjoint half a
+        tokens = tokens.filter(pc.equal(tokens.column("half"), "a"))
     grouped = tokens.group_by("probe").aggregate([(c, "mean") for c in components])
     aggregated = {(p, c): v for c in components
                   for p, v in zip(grouped.column("probe").to_pylist(),

@@ -1,0 +1,1 @@
+"""Adapters that present real models (Hugging Face, TransformerLens, the bundled one) to the engine."""

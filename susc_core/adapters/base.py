@@ -1,0 +1,243 @@
+"""The adapter interface: any causal LM seen as functional parameters, a per-token loss and named components.
+
+A ``ModelAdapter`` exposes
+- ``params() -> {name: Tensor}``: the functional parameters (fp32 master weights, detached copies);
+- ``per_token_loss(params, tokens [batch, seq]) -> [batch, seq-1]``: nats, position t predicts t+1,
+  pure in ``params`` (``torch.func.functional_call``), so ``vmap`` can stack chains of parameters;
+- ``component_names()`` and ``component_mask(name) -> {param name: index}`` where an index is a
+  basic/advanced index expression (``slice(None)`` = the whole tensor) or a boolean mask.
+Names follow the bundled model: ``L{l}H{h}``, ``L{l}``, ``L{l}.mlp``, ``embed``, ``pos_embed``,
+``ln_final``, ``unembed``, ``full``; globs such as ``L1H*`` expand through ``expand_names``.
+
+``ModuleAdapter`` implements all of it for an ``nn.Module`` given a few architecture hooks; the
+vocabulary projection goes through ``chunked_nll``, which never holds more than ``chunk_tokens`` rows of
+logits, in the forward nor in the backward pass.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Protocol
+
+import torch
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+Mask = dict[str, object]  # param name -> index expression or boolean mask
+HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+WHOLE = slice(None)
+
+
+class ModelAdapter(Protocol):
+    d_vocab: int  # vocabulary size (token ids must lie in [0, d_vocab))
+    n_ctx: int  # longest input the model accepts (tokens per context minus one)
+    loss_chunk_tokens: int  # most token rows of vocabulary logits held at once
+
+    def params(self) -> Params: ...
+
+    def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor: ...
+
+    def component_names(self) -> list[str]: ...
+
+    def component_mask(self, name: str) -> Mask: ...
+
+
+def expand_names(valid: list[str], names: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand globs (``fnmatch``) and check names against ``valid``; unique names in first-mention order.
+
+    Raises ValueError naming the bad entry and listing the valid names.
+    """
+    out: list[str] = []
+    for name in names:
+        matches = fnmatch.filter(valid, name) if any(c in name for c in "*?[") else [n for n in valid if n == name]
+        if not matches:
+            raise ValueError(f"unknown component {name!r} for this model; valid names: {', '.join(valid)} "
+                             f"(globs such as 'L1H*' or 'L*H0' are allowed)")
+        out += [m for m in matches if m not in out]
+    return out
+
+
+def flat_indices(mask: Mask, params: Params) -> dict[str, torch.Tensor]:
+    """{param name: int64 [n] flat (row-major) indices} of the coordinates a mask selects, in params order."""
+    unknown = set(mask) - set(params)
+    if unknown:
+        raise ValueError(f"mask names parameters the model does not have: {sorted(unknown)}")
+    out = {}
+    for name, value in params.items():
+        if name in mask:
+            ids = torch.arange(value.numel(), device=value.device).view(value.shape)[mask[name]].reshape(-1)
+            out[name] = ids
+    return out
+
+
+def gather(params: Params, index: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The selected coordinates as one flat vector [dim] (in ``index`` order)."""
+    return torch.cat([params[p].reshape(-1)[ids] for p, ids in index.items()])
+
+
+def scatter(params: Params, index: dict[str, torch.Tensor], w: torch.Tensor) -> Params:
+    """A new dict equal to ``params`` except the selected coordinates, set to ``w [dim]``.
+
+    Out of place, differentiable in ``w`` and usable under ``vmap`` (w batched, params not).
+    """
+    out = dict(params)
+    start = 0
+    for p, ids in index.items():
+        base = params[p]
+        piece = w[start:start + ids.numel()].to(base.dtype)
+        start += ids.numel()
+        if ids.numel() == base.numel():  # the whole tensor, in order (flat_indices is row-major)
+            out[p] = piece.reshape(base.shape)
+        else:
+            out[p] = base.reshape(-1).index_copy(0, ids, piece).reshape(base.shape)
+    return out
+
+
+class _ChunkedNLL(torch.autograd.Function):
+    """-log softmax(x @ w_u.T + b_u)[target] row by row in chunks; the backward recomputes each chunk."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, w_u, b_u, targets, chunk_tokens):
+        out = []
+        for s in range(0, x.shape[0], chunk_tokens):
+            logits = (x[s:s + chunk_tokens] @ w_u.T.to(x.dtype)).float() + b_u
+            out.append(torch.logsumexp(logits, -1) - logits.gather(-1, targets[s:s + chunk_tokens, None])[:, 0])
+        return torch.cat(out)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, w_u, b_u, targets, chunk_tokens = inputs
+        ctx.save_for_backward(x, w_u, b_u, targets)
+        ctx.chunk_tokens = chunk_tokens
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, w_u, b_u, targets = ctx.saved_tensors
+        w32 = w_u.float()
+        grad_x = []
+        grad_w = torch.zeros_like(w32) if ctx.needs_input_grad[1] else None
+        grad_b = torch.zeros_like(b_u) if ctx.needs_input_grad[2] else None
+        for s in range(0, x.shape[0], ctx.chunk_tokens):
+            xs = x[s:s + ctx.chunk_tokens].float()
+            probs = torch.softmax(xs @ w32.T + b_u, -1)
+            one_hot = torch.zeros_like(probs).scatter(-1, targets[s:s + ctx.chunk_tokens, None], 1.0)
+            g = (probs - one_hot) * grad_out[s:s + ctx.chunk_tokens, None]  # d loss / d logits
+            if ctx.needs_input_grad[0]:
+                grad_x.append((g @ w32).to(x.dtype))
+            if grad_w is not None:
+                grad_w = grad_w + g.T @ xs
+            if grad_b is not None:
+                grad_b = grad_b + g.sum(0)
+        return torch.cat(grad_x) if grad_x else None, None if grad_w is None else grad_w.to(w_u.dtype), grad_b, None, None
+
+
+def chunked_nll(x: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor | None, targets: torch.Tensor,
+                chunk_tokens: int) -> torch.Tensor:
+    """Per-token negative log-likelihood in nats (float32) of the final hidden states.
+
+    x: [..., d_model] normalised final residual; w_u: [d_vocab, d_model] (``nn.Linear`` layout);
+    b_u: [d_vocab] or None; targets: [...] ids. Returns [...]. At most ``chunk_tokens`` rows of logits
+    exist at any time, forward or backward (the backward recomputes them), also under ``vmap``.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+    b = torch.zeros(w_u.shape[0], device=w_u.device) if b_u is None else b_u.float()
+    flat = _ChunkedNLL.apply(x.reshape(-1, x.shape[-1]), w_u, b, targets.reshape(-1), chunk_tokens)
+    return flat.reshape(targets.shape)
+
+
+class _Bound(torch.nn.Module):
+    """Holds the children of ``module`` (so parameter names are unchanged) and runs ``fn`` as forward."""
+
+    def __init__(self, module: torch.nn.Module, fn):
+        super().__init__()
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        for name, param in module.named_parameters(recurse=False):
+            self.register_parameter(name, param)
+        self._fn = fn
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self._fn(tokens)
+
+
+class ModuleAdapter:
+    """A ``ModelAdapter`` over an ``nn.Module``. Subclasses set ``n_layers``, ``n_heads``, ``d_vocab``,
+    ``n_ctx``, ``has_mlp`` and implement ``head_mask``, ``block_prefix``, ``mlp_prefix``,
+    ``named_params`` (whole-tensor components: embed, pos_embed, ln_final, unembed) and
+    ``final_hidden(tokens [batch, seq]) -> (x [batch, seq, d_model], w_u [d_vocab, d_model], b_u | None)``
+    computed with the module's live submodules."""
+
+    n_layers: int
+    n_heads: int
+    d_vocab: int
+    n_ctx: int
+    has_mlp: bool = True
+
+    def __init__(self, module: torch.nn.Module, loss_chunk_tokens: int):
+        if loss_chunk_tokens < 1:
+            raise ValueError(f"loss_chunk_tokens must be >= 1, got {loss_chunk_tokens}")
+        self.module = module.eval()
+        self.loss_chunk_tokens = loss_chunk_tokens
+        self._bound = _Bound(module, self._loss)
+
+    # architecture hooks -------------------------------------------------------------------------
+    def head_mask(self, layer: int, head: int) -> Mask:
+        raise NotImplementedError
+
+    def block_prefix(self, layer: int) -> str:
+        raise NotImplementedError
+
+    def mlp_prefix(self, layer: int) -> str:
+        raise NotImplementedError
+
+    def named_params(self) -> dict[str, list[str]]:
+        raise NotImplementedError
+
+    def final_hidden(self, tokens: torch.Tensor):
+        raise NotImplementedError
+
+    # the interface --------------------------------------------------------------------------------
+    def params(self) -> Params:
+        """Every trainable parameter (tied ones once, under their first name), fp32 detached copies."""
+        return {k: v.detach().float().clone() for k, v in self.module.named_parameters()}
+
+    def name_of(self, tensor: torch.Tensor) -> str:
+        """The ``params()`` name of one of the module's parameters (resolves tied weights)."""
+        for name, p in self.module.named_parameters():
+            if p is tensor:
+                return name
+        raise KeyError("tensor is not a parameter of the module")
+
+    def _loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        x, w_u, b_u = self.final_hidden(tokens[:, :-1])
+        return chunked_nll(x, w_u, b_u, tokens[:, 1:], self.loss_chunk_tokens)
+
+    def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor:
+        """l_xy in nats: tokens [batch, seq] -> [batch, seq-1] (position t predicts t+1), float32."""
+        if tokens.shape[-1] - 1 > self.n_ctx:
+            raise ValueError(f"contexts of {tokens.shape[-1]} tokens exceed the model's n_ctx + 1 = {self.n_ctx + 1}")
+        return functional_call(self._bound, params, (tokens,))
+
+    def component_names(self) -> list[str]:
+        names = [f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads)]
+        for l in range(self.n_layers):
+            names += [f"L{l}"] + ([f"L{l}.mlp"] if self.has_mlp else [])
+        return names + list(self.named_params()) + ["full"]
+
+    def component_mask(self, name: str) -> Mask:
+        """{param name: index} of the coordinates component ``name`` moves (a concrete name, not a glob)."""
+        if expand_names(self.component_names(), [name]) != [name]:
+            raise ValueError(f"component_mask needs one concrete name, got the glob {name!r}")
+        names = [n for n, _ in self.module.named_parameters()]
+        if (m := HEAD_RE.match(name)) is not None:
+            return self.head_mask(int(m.group(1)), int(m.group(2)))
+        if name == "full":
+            return dict.fromkeys(names, WHOLE)
+        if name in self.named_params():
+            return dict.fromkeys(self.named_params()[name], WHOLE)
+        prefix = self.mlp_prefix(int(name[1:-4])) if name.endswith(".mlp") else self.block_prefix(int(name[1:]))
+        return {n: WHOLE for n in names if n.startswith(prefix)}

@@ -1,0 +1,38 @@
+"""The bundled model (``susc_core.model``) as a ``ModelAdapter``: the adapter path's reference point.
+
+Components are exactly those of ``susc_core.components`` (same names, same coordinates, same order),
+so ``run_adapter_unit`` on this adapter reproduces ``engine.run_unit``'s statistics.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import components as C
+from .. import model as M
+from .base import WHOLE, Mask, Params, chunked_nll
+
+
+class BundledAdapter:
+    """w_star: the checkpoint's parameters; cfg: its ``ModelConfig``."""
+
+    def __init__(self, w_star: Params, cfg: M.ModelConfig):
+        if missing := set(M.param_shapes(cfg)) ^ set(w_star):
+            raise ValueError(f"w_star does not match cfg; differing parameter names: {sorted(missing)}")
+        self.w_star, self.cfg = w_star, cfg
+        self.d_vocab, self.n_ctx, self.loss_chunk_tokens = cfg.d_vocab, cfg.n_ctx, cfg.loss_chunk_tokens
+
+    def params(self) -> Params:
+        """fp32 detached copies of every parameter, in ``param_shapes`` order."""
+        return {k: self.w_star[k].detach().float().clone() for k in M.param_shapes(self.cfg)}
+
+    def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [batch, seq] -> [batch, seq-1] nats (the model's loss, through ``chunked_nll``)."""
+        x = M.final_norm(params, self.cfg, tokens[:, :-1])
+        return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], self.loss_chunk_tokens)
+
+    def component_names(self) -> list[str]:
+        return C.valid_component_names(self.cfg)
+
+    def component_mask(self, name: str) -> Mask:
+        return {p: WHOLE if h is None else h for p, h in C.component(self.cfg, name).slices}

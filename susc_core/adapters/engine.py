@@ -1,0 +1,170 @@
+"""Restricted-SGLD work units for any ``ModelAdapter``: same statistics, seeds and loop as ``engine.run_unit``.
+
+Each component's chains run as one stack: ``AdapterGroup`` (the ``chains.Group`` protocol) scatters a
+chain's coordinates ``w [dim]`` into the fp32 master weights and evaluates the adapter's per-token loss,
+with ``torch.func.vmap`` over the stacked coordinates of ONLY the component (the rest of the model is
+shared, never copied per chain). The SGLD loop is ``chains.sample_chains``; streams come from
+``seeds`` keyed by (component name, chain), so a chain gives the same ``ChainStats`` alone or in a
+group. ``memory_budget_mib`` sizes the chains per batched pass from a measurement of the bytes one
+more chain keeps for the backward pass (``saved_bytes``), on any device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import resource
+import warnings
+
+import numpy as np
+import torch
+from torch.func import vmap
+
+from ..accumulator import to_chain_stats
+from ..chains import Reference, context_chunks, sample_chains
+from ..seeds import minibatch_schedule, stream_seed, torch_generator
+from ..sgld import SamplerConfig
+from ..stats import ChainStats
+from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
+
+log = logging.getLogger(__name__)
+MIB = 2**20
+CHAIN_STATE_BUFFERS = 5  # [dim] float32 buffers per chain in an SGLD step: w, grad, noise, drift, new w
+
+
+class AdapterGroup:
+    """Chains of one component of an adapter. tokens [G, B, S+1] (G = 1 shared, or one row per chain);
+    ``losses(w [k, dim], rows, cache) -> [k, B, S]`` nats."""
+
+    def __init__(self, adapter: ModelAdapter, base: Params, index: dict[str, torch.Tensor]):
+        self.adapter, self.base, self.index = adapter, base, index
+
+    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def _loss(self, w: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        return self.adapter.per_token_loss(scatter(self.base, self.index, w), tokens)
+
+    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor) -> torch.Tensor:
+        if cache.shape[0] == 1:
+            return vmap(self._loss, in_dims=(0, None))(w, cache[0])
+        return vmap(self._loss)(w, cache[rows])
+
+
+@torch.no_grad()
+def adapter_reference(adapter: ModelAdapter, params: Params, obs: torch.Tensor, probe: torch.Tensor) -> Reference:
+    """L_n(w*) on obs [M, S+1] and A*_t = l_t(w*) - L_n(w*) on every probe token, probe [P, S+1] (T = P*S)."""
+    def all_losses(tokens):
+        chunks = context_chunks(len(tokens), tokens.shape[1] - 1, adapter.loss_chunk_tokens)
+        return torch.cat([adapter.per_token_loss(params, tokens[c]) for c in chunks])
+    loss_star = all_losses(obs).mean()
+    return Reference(loss_star, all_losses(probe).reshape(-1) - loss_star)
+
+
+def saved_bytes(group: AdapterGroup, w: torch.Tensor, tokens: torch.Tensor) -> int:
+    """Bytes of distinct storages autograd keeps for the backward of one gradient pass of chains w [k, dim]
+    on tokens [1, B, S+1] (the activation memory of a pass)."""
+    storages: dict[int, int] = {}
+
+    def pack(t: torch.Tensor):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = max(storages.get(storage.data_ptr(), 0), storage.nbytes())
+        return t
+
+    leaf = w.detach().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        group.losses(leaf, slice(0, len(leaf)), tokens).sum()
+    return sum(storages.values())
+
+
+def chains_per_pass_for_budget(group: AdapterGroup, w_star: torch.Tensor, tokens: torch.Tensor,
+                               memory_budget_mib: float) -> int:
+    """Most chains per gradient pass that fit ``memory_budget_mib``: per-chain bytes = saved bytes of two
+    chains minus one, plus the chain's SGLD state (``CHAIN_STATE_BUFFERS`` rows of [dim]); shared bytes
+    = one chain's saved bytes minus its activations (mostly the weights autograd keeps). w_star: [dim]."""
+    one, two = (saved_bytes(group, w_star.expand(k, -1), tokens) for k in (1, 2))
+    activations = max(two - one, 1)
+    per_chain = activations + CHAIN_STATE_BUFFERS * w_star.numel() * w_star.element_size()
+    shared = max(one - activations, 0)
+    fit = int((memory_budget_mib * MIB - shared) // per_chain)
+    if fit < 1:
+        raise ValueError(f"memory_budget_mib={memory_budget_mib:g} is below the {(shared + per_chain) / MIB:.1f} MiB "
+                         f"one chain needs; raise it, or lower sampler.batch_size or the context length")
+    return fit
+
+
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Reset the CUDA peak counter (the CPU peak RSS is per process and cannot be reset)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device | str) -> float:
+    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / MIB
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # Linux reports KiB
+
+
+def _check_contexts(adapter: ModelAdapter, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if t.dim() != 2 or t.shape[0] == 0 or not 2 <= t.shape[1] <= adapter.n_ctx + 1:
+            raise ValueError(f"{name} must be a non-empty LongTensor [n, L+1] with 2 <= L+1 <= n_ctx+1 = "
+                             f"{adapter.n_ctx + 1}; got shape {tuple(t.shape)}")
+        if t.min() < 0 or t.max() >= adapter.d_vocab:
+            raise ValueError(f"{name} holds token ids outside [0, d_vocab={adapter.d_vocab})")
+
+
+def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
+                     train_contexts: torch.Tensor, obs_contexts: torch.Tensor, probe_contexts: torch.Tensor,
+                     seed: int, device: torch.device | str = "cpu",
+                     memory_budget_mib: float | None = None) -> dict[tuple[str, int], ChainStats]:
+    """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
+
+    train_contexts [N, L+1]: minibatches are drawn from it; obs_contexts [M, L+1]: the fixed baseline
+    contexts of L_n and g; probe_contexts [P, L+1]: the probe tokens, T = P * L in row-major order.
+    memory_budget_mib: when given, each component's chains per gradient pass are sized to fit it
+    (``chains_per_pass_for_budget``), replacing ``sampler.chains_per_pass``. ``sampler.forward_dtype``
+    "bfloat16" runs the gradient forward under autocast; master weights and observables stay fp32.
+    Returns {(component, chain): ChainStats}; diverged chains raise (policy "fail") or are returned
+    flagged with a warning ("drop"). Logs the peak memory (``peak_memory_mib``).
+    """
+    if not chains or len(set(chains)) != len(chains) or min(chains) < 0:
+        raise ValueError(f"chains must be distinct non-negative indices, got {chains}")
+    names = expand_names(adapter.component_names(), components)
+    device = torch.device(device)
+    params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
+    train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
+    _check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
+    if len({t.shape[1] for t in (train, obs, probe)}) != 1:
+        raise ValueError("train, observable and probe contexts must have the same length")
+    ref = adapter_reference(adapter, params, obs, probe)
+    loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
+    results: dict[tuple[str, int], ChainStats] = {}
+    for name in names:
+        members = [(name, c) for c in chains]
+        index = flat_indices(adapter.component_mask(name), params)
+        group = AdapterGroup(adapter, params, index)
+        w_star = gather(params, index)
+        run_sampler = sampler
+        if memory_budget_mib is not None:
+            fit = chains_per_pass_for_budget(group, w_star, train[: sampler.batch_size].unsqueeze(0),
+                                             memory_budget_mib)
+            run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
+            log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
+        generators = [torch_generator(stream_seed(seed, "noise", n, c), device) for n, c in members]
+        keys = [()] if sampler.share_minibatches else members
+        schedule = np.concatenate([minibatch_schedule(stream_seed(seed, "minibatch", *key), len(train),
+                                                      sampler.n_steps, sampler.batch_size) for key in keys], axis=1)
+        acc = sample_chains(group, w_star, generators, torch.from_numpy(schedule).to(device), train, obs, probe,
+                            ref, run_sampler, adapter.loss_chunk_tokens)
+        results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
+    log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
+    diverged = {key: s.diverged_step for key, s in results.items() if s.diverged}
+    if diverged:
+        message = (f"{len(diverged)} chain(s) diverged (component, chain): first bad step = {diverged}; "
+                   f"lower step_size or nbeta, or raise gamma")
+        if sampler.divergence_policy == "fail":
+            raise RuntimeError(message)
+        warnings.warn(message + "; they are flagged and the estimators drop them", RuntimeWarning, stacklevel=2)
+    return results
