@@ -103,12 +103,11 @@ class HeadGroup:
         g, b, s1 = tokens.shape
         s, p, cfg = s1 - 1, f"blocks.{self.layer}", self.cfg
         resid = upstream(self.params, cfg, tokens[..., :-1].reshape(g * b, s), self.layer)
-        x_norm = M.layer_norm(resid, self.params[f"{p}.ln1.w"], self.params[f"{p}.ln1.b"], cfg.ln_eps)
-        pos = self.params["pos_embed.W_pos"][:s]
+        x_qk, x_v = M.attention_inputs(self.params, cfg, self.layer, resid, self.params["pos_embed.W_pos"][:s])
         store = {}
-        attn = M.attention(self.params, cfg, self.layer, x_norm, pos,
+        attn = M.attention(self.params, cfg, self.layer, x_qk, x_v,
                            {f"{p}.attn.hook_z": lambda z: store.setdefault("z", z)})
-        cache = {"x_v": x_norm, "x_qk": x_norm + pos, "base": resid + attn, "z_star": store["z"],
+        cache = {"x_v": x_v, "x_qk": x_qk, "base": resid + attn, "z_star": store["z"],
                  "targets": tokens[..., 1:].reshape(g * b, s)}
         return {k: v.reshape(g, b, *v.shape[1:]) for k, v in cache.items()}
 

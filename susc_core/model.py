@@ -2,8 +2,9 @@
 
 Parameters live in a flat dict keyed by TransformerLens names (``blocks.{l}.attn.W_Q`` ...), so a head
 is an index into ``W_Q [n_heads, d_model, d_head]`` and ``torch.func.functional_call`` / ``vmap`` can
-swap or stack them. Positions are *shortformer*: the learned positional embedding is added to the
-query and key inputs of every attention layer (after ``ln1``) and never enters the residual stream.
+swap or stack them. Positions are *shortformer* (TransformerLens): the learned positional embedding is
+added to the residual before ``ln1`` on the query/key path only, ``ln1(resid + pos)``, while values
+read ``ln1(resid)``; positions never enter the residual stream.
 
 Named hook points (TransformerLens names) let callers read or edit activations:
 ``hook_embed``, ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern`` [batch, head, q, k],
@@ -103,21 +104,31 @@ def layer_norm(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, eps: float) ->
     return F.layer_norm(x, x.shape[-1:], w, b, eps)
 
 
-def attention(params: Params, cfg: ModelConfig, layer: int, x_norm: torch.Tensor,
-              pos: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+def attention_inputs(params: Params, cfg: ModelConfig, layer: int, resid: torch.Tensor,
+                     pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shortformer inputs of one attention layer, as in TransformerLens.
+
+    resid: [batch, pos, d_model]; pos: [pos, d_model]. Returns (x_qk, x_v): ln1(resid + pos) feeds
+    the queries and keys, ln1(resid) the values; positions never enter the residual stream.
+    """
+    w, b = params[f"blocks.{layer}.ln1.w"], params[f"blocks.{layer}.ln1.b"]
+    return layer_norm(resid + pos, w, b, cfg.ln_eps), layer_norm(resid, w, b, cfg.ln_eps)
+
+
+def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, x_v: torch.Tensor,
+              hooks: Hooks | None = None) -> torch.Tensor:
     """Causal multi-head attention of one layer.
 
-    x_norm: [batch, pos, d_model] (output of ln1); pos: [pos, d_model] shortformer positions added
-    to the query and key inputs only. Returns the layer's output [batch, pos, d_model].
+    x_qk: [batch, pos, d_model] query/key input, x_v: [batch, pos, d_model] value input (see
+    :func:`attention_inputs`). Returns the layer's output [batch, pos, d_model].
     """
     p = f"blocks.{layer}.attn"
-    qk_in = x_norm + pos
-    q = torch.einsum("bpd,hde->bphe", qk_in, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"]
-    k = torch.einsum("bpd,hde->bphe", qk_in, params[f"{p}.W_K"]) + params[f"{p}.b_K"]
-    v = torch.einsum("bpd,hde->bphe", x_norm, params[f"{p}.W_V"]) + params[f"{p}.b_V"]
+    q = torch.einsum("bpd,hde->bphe", x_qk, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"]
+    k = torch.einsum("bpd,hde->bphe", x_qk, params[f"{p}.W_K"]) + params[f"{p}.b_K"]
+    v = torch.einsum("bpd,hde->bphe", x_v, params[f"{p}.W_V"]) + params[f"{p}.b_V"]
     scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
-    n = x_norm.shape[-2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=x_norm.device).tril()
+    n = x_v.shape[-2]
+    causal = torch.ones(n, n, dtype=torch.bool, device=x_v.device).tril()
     scores = scores.masked_fill(~causal, float("-inf"))
     pattern = _hook(hooks, f"{p}.hook_pattern", scores.softmax(dim=-1))
     z = _hook(hooks, f"{p}.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
@@ -136,8 +147,8 @@ def block(params: Params, cfg: ModelConfig, layer: int, resid: torch.Tensor, pos
     """One transformer block: resid [batch, pos, d_model] -> resid_post [batch, pos, d_model]."""
     p = f"blocks.{layer}"
     resid = _hook(hooks, f"{p}.hook_resid_pre", resid)
-    x_norm = layer_norm(resid, params[f"{p}.ln1.w"], params[f"{p}.ln1.b"], cfg.ln_eps)
-    resid = resid + _hook(hooks, f"{p}.hook_attn_out", attention(params, cfg, layer, x_norm, pos, hooks))
+    x_qk, x_v = attention_inputs(params, cfg, layer, resid, pos)
+    resid = resid + _hook(hooks, f"{p}.hook_attn_out", attention(params, cfg, layer, x_qk, x_v, hooks))
     if cfg.d_mlp > 0:
         x_norm = layer_norm(resid, params[f"{p}.ln2.w"], params[f"{p}.ln2.b"], cfg.ln_eps)
         resid = resid + _hook(hooks, f"{p}.hook_mlp_out", mlp(params, layer, x_norm))

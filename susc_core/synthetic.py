@@ -53,6 +53,32 @@ def tiled_repeats(generator: np.random.Generator, n_seqs: int, seq_len: int, voc
     return out
 
 
+def gapped_repeats(generator: np.random.Generator, n_seqs: int, seq_len: int, vocab_low: int,
+                   vocab_high: int, seg_min: int, seg_max: int, gap_min: int, gap_max: int) -> np.ndarray:
+    """Sequences of blocks ``segment, gap, segment``: a random segment (length in [seg_min, seg_max]),
+    random filler (length in [gap_min, gap_max]), then the segment again, cut to ``seq_len``.
+
+    The distance between the two copies varies from block to block, so no fixed look-back offset
+    predicts the copy: only an induction circuit does (tiled back-to-back repeats instead reward a
+    head that attends one typical period back, and induction heads never form; measured in
+    MODEL_CARD.md). Returns int64 ``[n_seqs, seq_len]`` ids in ``[vocab_low, vocab_high)``.
+    """
+    _check_vocab(vocab_low, vocab_high)
+    _check_range("seg", seg_min, seg_max)
+    if not 0 <= gap_min <= gap_max:
+        raise ValueError(f"need 0 <= gap_min <= gap_max, got gap_min={gap_min}, gap_max={gap_max}")
+    out = np.empty((n_seqs, seq_len), dtype=np.int64)
+    for row in out:
+        pos = 0
+        while pos < seq_len:
+            segment = generator.integers(vocab_low, vocab_high, size=int(generator.integers(seg_min, seg_max + 1)))
+            gap = generator.integers(vocab_low, vocab_high, size=int(generator.integers(gap_min, gap_max + 1)))
+            block = np.concatenate([segment, gap, segment])[: seq_len - pos]
+            row[pos: pos + block.size] = block
+            pos += block.size
+    return out
+
+
 def repeated_random(generator: np.random.Generator, n_seqs: int, half_len: int, vocab_low: int,
                     vocab_high: int) -> np.ndarray:
     """Random tokens followed by an exact copy: the classic induction test.

@@ -1,8 +1,8 @@
 """Training pieces: the curriculum's batch sampler, the learning-rate schedule and one AdamW step.
 
-The curriculum (see shared/TRAINING.md) mixes natural-text contexts with tiled repeats of random
-segments, which make induction heads pay early; each phase sets the sequence length and the share
-of synthetic sequences.
+The curriculum (see shared/TRAINING.md) mixes natural-text contexts with repeated random segments,
+which make induction heads pay early; each phase sets the sequence length and the share of synthetic
+sequences.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from susc_core.model import ModelConfig, Params, per_token_loss
-from susc_core.synthetic import tiled_repeats
+from susc_core.synthetic import gapped_repeats, tiled_repeats
 
 
 @dataclass
@@ -22,17 +22,20 @@ class PhaseConfig:
 
     steps: int = 1000
     seq_len: int = 64  # tokens fed to the model per sequence (targets are the next tokens)
-    synthetic_share: float = 0.8  # fraction of each batch that is tiled repeats of random segments
+    synthetic_share: float = 0.8  # fraction of each batch that is repeated random segments
 
 
 @dataclass
 class RepeatsConfig:
-    """Tiled repeats of random segments (the induction-forming synthetic family)."""
+    """The induction-forming synthetic family: random segments repeated after a random gap."""
 
-    seg_min: int = 4
-    seg_max: int = 16
-    copies_min: int = 2
-    copies_max: int = 5
+    family: str = "gapped"  # gapped: segment, gap, segment (forms induction heads); tiled: back-to-back copies
+    seg_min: int = 6
+    seg_max: int = 20
+    gap_min: int = 0  # gapped only: random filler tokens between the two copies
+    gap_max: int = 12
+    copies_min: int = 2  # tiled only
+    copies_max: int = 5  # tiled only
     vocab_low: int = 1  # lowest token id drawn (ids below are special tokens)
 
 
@@ -75,7 +78,7 @@ def sample_batch(generator: np.random.Generator, contexts: np.ndarray, phase: Ph
 
     contexts: [n, ctx_len + 1] natural (and corpus-synthetic) contexts; a random window of
     seq_len + 1 tokens is cut from each picked context. The first round(share·batch) rows are
-    replaced by tiled repeats.
+    replaced by repeated random segments (``curriculum.repeats``).
     """
     n_synth = int(round(phase.synthetic_share * curriculum.batch_size))
     n_nat = curriculum.batch_size - n_synth
@@ -86,8 +89,14 @@ def sample_batch(generator: np.random.Generator, contexts: np.ndarray, phase: Ph
     starts = generator.integers(0, contexts.shape[1] - width + 1, size=n_nat)
     natural = contexts[rows[:, None], starts[:, None] + np.arange(width)]
     r = curriculum.repeats
-    synthetic = tiled_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
-                              r.copies_min, r.copies_max)
+    if r.family == "gapped":
+        synthetic = gapped_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
+                                   r.gap_min, r.gap_max)
+    elif r.family == "tiled":
+        synthetic = tiled_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
+                                  r.copies_min, r.copies_max)
+    else:
+        raise ValueError(f"curriculum.repeats.family={r.family!r}; choose 'gapped' or 'tiled'")
     return torch.from_numpy(np.concatenate([synthetic, natural]).astype(np.int64))
 
 

@@ -113,3 +113,21 @@ def test_digit_documents_arithmetic_is_correct():
         assert int(c) == {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
     assert any(re.fullmatch(r"\d{4}-\d{2}-\d{2}", line) for line in lines)
     assert synthetic.digit_documents(np.random.default_rng(3), 10, 30, 4) == docs
+
+
+def test_gapped_repeats_exact_structure_with_fixed_lengths():
+    gen = np.random.default_rng(2)
+    out = synthetic.gapped_repeats(gen, 4, 30, 1, 1000, seg_min=4, seg_max=4, gap_min=2, gap_max=2)
+    assert out.shape == (4, 30) and out.min() >= 1 and out.max() < 1000
+    for row in out:  # blocks of 10 tokens: segment (4), gap (2), the same segment (4)
+        for start in range(0, 30, 10):
+            np.testing.assert_array_equal(row[start: start + 4], row[start + 6: start + 10])
+            assert not np.array_equal(row[start: start + 4], row[start + 4: start + 8])
+
+
+def test_gapped_repeats_vary_the_distance_between_copies():
+    gen = np.random.default_rng(3)
+    out = synthetic.gapped_repeats(gen, 64, 40, 1, 5000, seg_min=6, seg_max=6, gap_min=0, gap_max=8)
+    # the second copy of the first segment starts 6 + gap tokens in: several distinct offsets occur
+    offsets = {next(o for o in range(6, 15) if np.array_equal(r[o:o + 6], r[:6])) for r in out}
+    assert len(offsets) >= 5

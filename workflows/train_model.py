@@ -102,7 +102,7 @@ Trained by this project, offline, on the corpus built by `python -m workflows.bu
 - Weights sha256: `{summary['sha256']}`; corpus manifest hash: `{summary['corpus_hash']}`.
 
 ## Curriculum
-| phase | steps | sequence length | synthetic (tiled repeats) share |
+| phase | steps | sequence length | synthetic share ({cfg.curriculum.repeats.family} repeats, segments {cfg.curriculum.repeats.seg_min}-{cfg.curriculum.repeats.seg_max}) |
 |---|---|---|---|
 {phases}
 
