@@ -14,7 +14,7 @@ if ! cmp -s pyproject.toml "$stamp" 2>/dev/null; then
   .venv/bin/python -m pip install -q --upgrade pip
   # the CPU build first, so that no dependency pulls a multi-GB CUDA build
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test]"
+  .venv/bin/python -m pip install -q -e ".[test,hf]"
   cp pyproject.toml "$stamp"
 fi
 

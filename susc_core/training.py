@@ -23,6 +23,7 @@ class PhaseConfig:
     steps: int = 1000
     seq_len: int = 64  # tokens fed to the model per sequence (targets are the next tokens)
     synthetic_share: float = 0.8  # fraction of each batch that is repeated random segments
+    synthetic_vocab: int = 0  # synthetic ids drawn below this (frequent tokens recur, copying forms fast); 0: all
 
 
 @dataclass
@@ -89,11 +90,12 @@ def sample_batch(generator: np.random.Generator, contexts: np.ndarray, phase: Ph
     starts = generator.integers(0, contexts.shape[1] - width + 1, size=n_nat)
     natural = contexts[rows[:, None], starts[:, None] + np.arange(width)]
     r = curriculum.repeats
+    high = min(phase.synthetic_vocab or d_vocab, d_vocab)
     if r.family == "gapped":
-        synthetic = gapped_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
+        synthetic = gapped_repeats(generator, n_synth, width, r.vocab_low, high, r.seg_min, r.seg_max,
                                    r.gap_min, r.gap_max)
     elif r.family == "tiled":
-        synthetic = tiled_repeats(generator, n_synth, width, r.vocab_low, d_vocab, r.seg_min, r.seg_max,
+        synthetic = tiled_repeats(generator, n_synth, width, r.vocab_low, high, r.seg_min, r.seg_max,
                                   r.copies_min, r.copies_max)
     else:
         raise ValueError(f"curriculum.repeats.family={r.family!r}; choose 'gapped' or 'tiled'")

@@ -188,9 +188,10 @@ def test_memory_budget_chunks_chains_without_changing_results(gpt2):
     assert fit_big > 3
     with pytest.raises(ValueError, match="memory_budget_mib=1e-06 is below"):
         chains_per_pass_for_budget(group, w_star, batch, memory_budget_mib=1e-6)
-    whole = run_adapter_unit(gpt2, ["L0H1"], [0, 1, 2], _sampler(), train, obs, probe, seed=2)
-    split = run_adapter_unit(gpt2, ["L0H1"], [0, 1, 2], _sampler(chains_per_pass=1), train, obs, probe, seed=2)
-    for c in range(3):
+    whole = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2), train, obs, probe, seed=2)
+    split = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2, chains_per_pass=1), train, obs, probe,
+                             seed=2)
+    for c in range(2):
         _assert_same_stats(whole["L0H1", c], split["L0H1", c])
 
 
@@ -202,7 +203,7 @@ def test_bundled_adapter_reproduces_engine_run_unit():
     tokens = _tokens(2, 8)
     torch.testing.assert_close(adapter.per_token_loss(adapter.params(), tokens), M.per_token_loss(w_star, cfg, tokens))
     train, obs, probe = _contexts()
-    names = ["L1H*", "L0", "full"]
+    names = ["L1H*", "full"]
     ours = run_adapter_unit(adapter, names, [0, 1], _sampler(), train, obs, probe, seed=3)
     engine = run_unit(cfg, w_star, names, [0, 1], _sampler(), train, obs, probe, seed=3)
     assert set(ours) == set(engine)

@@ -113,7 +113,7 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         store.save(unit.key, stats)
         place = f"{info['host']}:{info['device']}"
         where[place] = where.get(place, 0) + 1
-        log.debug("unit %s finished on %s pid %d in %.1f s", unit.label(), place, info["pid"], info["seconds"])
+        log.info("unit %s finished on %s (pid %d) in %.1f s", unit.label(), place, info["pid"], info["seconds"])
         bar.update(1)
 
     threads = int(cluster.task_cpus) if cluster.task_cpus >= 1 else 1

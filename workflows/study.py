@@ -80,6 +80,10 @@ def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
 def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     """Run one study; returns its summary (also the sweep-summary row). ``resolved``: the config as a dict."""
     start = time.perf_counter()
+    if cfg.model.adapter != "bundled":
+        raise ValueError(f"model.adapter={cfg.model.adapter!r}: the study app runs the bundled model only for now "
+                         f"(its corpus is tokenised with the bundled tokenizer); run adapter models with "
+                         f"examples/smollm2_study.py, which re-tokenises the corpus and calls run_adapter_unit")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     attached = cfg.cluster.executor == "ray" and cfg.cluster.address != "local"

@@ -17,10 +17,21 @@ FAMILIES = ("domains", "mixture", "tokens")
 
 @dataclass
 class ModelSection:
-    """Which trained model to study (conf/model/)."""
+    """Which trained model to study (conf/model/).
+
+    ``adapter: bundled`` is a checkpoint of this project's model; ``hf`` / ``tl`` models go through
+    ``susc_core.adapters`` (see examples/README.md) and need a corpus tokenised with their tokenizer.
+    """
 
     checkpoint: str = "${asset:default_model.safetensors}"
     device: str = "auto"  # auto: CUDA when present, else CPU
+    adapter: str = "bundled"  # bundled | hf | tl
+    gguf_package: str | None = None  # hf: package whose folder holds the GGUF (found, never imported)
+    gguf_file: str | None = None  # hf: GGUF file name inside that package
+    attn_implementation: str = "eager"  # hf: vmap has no batching rule for fused SDPA
+    shared_kv: bool = True  # hf GQA: a head holds the k/v rows of its KV group
+    loss_chunk_tokens: int = 2048  # adapters: most token rows of the logits held at once
+    memory_budget_mib: int | None = None  # adapters: chains per gradient pass sized to fit this
 
 
 @dataclass

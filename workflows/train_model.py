@@ -85,7 +85,7 @@ def model_card(cfg: TrainAppConfig, summary: dict) -> str:
         for i, label in enumerate(labels))
     roles = {k: sum(s >= thr for s in v) for k, v in scores.items()}
     losses = "\n".join(f"| {d} | {v:.3f} |" for d, v in summary["domain_losses"].items())
-    phases = "\n".join(f"| {i + 1} | {p.steps} | {p.seq_len} | {p.synthetic_share} |"
+    phases = "\n".join(f"| {i + 1} | {p.steps} | {p.seq_len} | {p.synthetic_share} | {p.synthetic_vocab or cfg.arch.d_vocab} |"
                        for i, p in enumerate(cfg.curriculum.phases))
     return f"""# Model card: bundled default model
 
@@ -102,8 +102,8 @@ Trained by this project, offline, on the corpus built by `python -m workflows.bu
 - Weights sha256: `{summary['sha256']}`; corpus manifest hash: `{summary['corpus_hash']}`.
 
 ## Curriculum
-| phase | steps | sequence length | synthetic share ({cfg.curriculum.repeats.family} repeats, segments {cfg.curriculum.repeats.seg_min}-{cfg.curriculum.repeats.seg_max}) |
-|---|---|---|---|
+| phase | steps | sequence length | synthetic share ({cfg.curriculum.repeats.family} repeats, segments {cfg.curriculum.repeats.seg_min}-{cfg.curriculum.repeats.seg_max}) | synthetic ids below |
+|---|---|---|---|---|
 {phases}
 
 ## Held-out loss per domain (nats/token, {cfg.eval_contexts} probe contexts each)
