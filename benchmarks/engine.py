@@ -1,17 +1,22 @@
 """Benchmark of the estimator engine on the default model; prints ONE JSON object as its last line.
 
-    python benchmarks/engine.py [--device cpu] [--draws 2] [--obs 8] [--probe 8]
+    python benchmarks/engine.py [--device cpu] [--draws 2] [--obs 8] [--probe 8] [--threads N] [--chunk-tokens 256]
 
 Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
 the sequential reference plan (measured on one head per layer and the full run, then weighted to the
-same unit), FLOPs of one unit counted from the model's shapes (honest-path FLOPs), the FLOP/s they
-imply against a torch matmul peak measured in the same run, and peak RSS at two draw counts.
+same unit), FLOPs of one unit counted from the model's shapes, both the honest-path FLOPs (full forward
+per chain) and the FLOPs the batched engine actually executes, the FLOP/s they imply against a torch
+matmul peak measured in the same run, and peak RSS at two draw counts (fresh subprocesses).
+On a CPU shared with other jobs, ``--threads 1`` avoids OpenMP oversubscription (2 threads on 2 busy
+cores ran the engine several times slower than 1 thread in our measurements).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -63,11 +68,29 @@ def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
     return cfg.n_layers * layer + 2 * d * cfg.d_vocab
 
 
-def unit_flops(cfg, sampler, n_components, seq, n_obs_tokens):
+def unit_flops(cfg, sampler, seq, n_obs_tokens):
     """Honest-path FLOPs of one (component, chain, draw): forward + backward (2x) per step, forwards per draw."""
     f = forward_flops_per_token(cfg, seq)
     per_step = 3 * f * sampler.batch_size * seq
     return per_step * sampler.steps_between_draws + f * n_obs_tokens
+
+
+def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
+    """Matmul FLOPs the batched engine executes per unit, averaged over the components (heads of
+    ``head_layers`` + full): a head recomputes only itself (q, k, v, z·W_O and z*·W_O*), the blocks after
+    its layer and the unembedding. A step is forward + backward (2x), except that a head's unembedding
+    needs no weight gradient (its input gradient is formed in the forward: 2x, not 3x) while the full
+    run's recomputes the logits in the backward (4x). Shared upstream activations (once per step for all
+    chains) are not counted."""
+    h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
+    layer = 2 * 4 * d * h * e + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
+    head = 2 * 3 * d * e + 2 * 2 * seq * e + 2 * 2 * e * d
+    unembed = 2 * d * v
+    step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
+    heads = [(3 * (head + (cfg.n_layers - 1 - l) * layer) + 2 * unembed) * step_tokens
+             + (head + (cfg.n_layers - 1 - l) * layer + unembed) * n_obs_tokens for l in head_layers]
+    full = (3 * cfg.n_layers * layer + 4 * unembed) * step_tokens + (cfg.n_layers * layer + unembed) * n_obs_tokens
+    return (sum(heads) + full) / (len(heads) + 1)
 
 
 def timed_unit(*args, **kwargs):
@@ -82,9 +105,16 @@ def main():
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--obs", type=int, default=8, help="fixed observable contexts")
     ap.add_argument("--probe", type=int, default=8, help="probe contexts")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--chunk-tokens", type=int, default=256,
+                    help="rows of vocabulary logits per chunk (a cache-sized block; does not change results)")
+    ap.add_argument("--memory-draws", type=int, nargs=2, default=(1, 5), help="draw counts of the RSS check")
     ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg, params, source = model()
+    cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.chunk_tokens)
     seq = cfg.n_ctx
     gen = torch.Generator().manual_seed(1)
     train = torch.randint(0, cfg.d_vocab, (256, seq + 1), generator=gen)
@@ -105,6 +135,7 @@ def main():
     # sequential: one chain of one head per layer and of the full run, weighted to the same unit
     seq_sampler = SamplerConfig(**{**sampler.__dict__, "n_draws": 1})
     per_chain_draw = {}
+    run_unit(cfg, params, ["L0H0"], [0], seq_sampler, train, obs, probe, seed=0, device=args.device, mode="reference")  # warm-up
     for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]:
         t, _ = timed_unit(cfg, params, [name], [0], seq_sampler, train, obs, probe, seed=0, device=args.device,
                           mode="reference")
@@ -113,14 +144,18 @@ def main():
                                         + per_chain_draw["full"])
     bf16 = SamplerConfig(**{**sampler.__dict__, "forward_dtype": "bfloat16"})
     t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
-    flops = unit_flops(cfg, sampler, len(heads) + 1, seq, (args.obs + args.probe) * seq)
+    n_obs_tokens = (args.obs + args.probe) * seq
+    flops = unit_flops(cfg, sampler, seq, n_obs_tokens)
+    executed = executed_flops(cfg, sampler, seq, n_obs_tokens, [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)])
     memory = {}
-    for draws in (1, 3):
+    for draws in args.memory_draws:
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--obs", str(args.obs), "--probe",
-                              str(args.probe), "--memory-child", str(draws)], capture_output=True, text=True, check=True)
+                              str(args.probe), "--threads", str(args.threads), "--chunk-tokens", str(args.chunk_tokens),
+                              "--memory-child", str(draws)], capture_output=True, text=True, check=True)
         memory[f"draws_{draws}"] = float(out.stdout.strip().splitlines()[-1])
     print(json.dumps({
         "model": source, "device": args.device, "threads": torch.get_num_threads(),
+        "chunk_tokens": args.chunk_tokens, "load_average_1min": os.getloadavg()[0],
         "unit": {"components": len(heads) + 1, "chains": len(chains), "draws": args.draws, "batch_size": 16,
                  "obs_contexts": args.obs, "probe_contexts": args.probe, "seq": seq},
         "batched_units_per_s": units / t_batched,
@@ -133,6 +168,9 @@ def main():
         "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
         "batched_honest_equiv_flops_per_s": flops * units / t_batched,
         "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
+        "executed_flops_per_unit": executed,
+        "batched_executed_flops_per_s": executed * units / t_batched,
+        "batched_executed_fraction_of_fp32_peak": executed * units / t_batched / peak,
         "sequential_fraction_of_fp32_peak": flops * units / t_seq / peak,
         "peak_rss_mib_heads_plus_full": memory,
     }))

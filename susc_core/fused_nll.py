@@ -11,6 +11,9 @@ unembedding is ``x = ln_final output, w = W_U, beta = b_U``; the low-rank path o
 Logits exist only for ``chunk_tokens`` rows at a time (a block that stays in cache): the forward keeps the
 per-token log-sum-exp, the backward recomputes a chunk's logits once and forms ``softmax - onehot`` in
 place, so no [tokens, d_vocab] tensor is ever stored and no autograd graph is built over the vocabulary.
+When only ``x`` needs a gradient (w, beta, scale fixed: a head's chains under a shared unembedding), the
+forward forms ``(softmax - onehot) @ w^T`` per token while the chunk is in cache ([k, n, r], linear in
+the per-token upstream gradient), so the backward is one multiply and the logits are never recomputed.
 The shared term ``base @ w_base`` of a chunk is computed once and reused by every chain.
 """
 
@@ -33,6 +36,11 @@ def _logits(pre, scale_c, beta, i, keep_pre):
     return torch.addcmul(beta, pre, scale_c[i, :, None]) if keep_pre else pre.mul_(scale_c[i, :, None]).add_(beta)
 
 
+def _softmax_minus_onehot(probs, targets_c):
+    """d nll / d logits [c, V] in place: probs minus the one-hot of targets_c [c]."""
+    return probs.scatter_add_(1, targets_c[:, None], probs.new_full((len(targets_c), 1), -1.0))
+
+
 class FusedNLL(torch.autograd.Function):
     """See the module docstring; call through ``fused_nll``."""
 
@@ -41,6 +49,9 @@ class FusedNLL(torch.autograd.Function):
         k, n, _ = x.shape
         nll = x.new_empty(k, n)
         lse = x.new_empty(k, n)
+        need_x, need_w, need_beta, need_scale = ctx.needs_input_grad[:4]
+        eager = need_x and not (need_w or need_beta or need_scale)
+        jac_x = torch.empty_like(x) if eager else None  # d nll[i, t] / d x[i, t], formed while the chunk is hot
         for s in range(0, n, chunk_tokens):
             c = slice(s, min(s + chunk_tokens, n))
             base_c = None if base is None else base[:, c] @ w_base
@@ -50,18 +61,25 @@ class FusedNLL(torch.autograd.Function):
                 logits = _logits(_chunk_pre(base_c, x[:, c], w, i, g), scale_c, beta, i, keep_pre=False)
                 picked = logits.gather(1, targets[g, c, None]).squeeze(1)
                 top = logits.amax(dim=1)
-                lse[i, c] = logits.sub_(top[:, None]).exp_().sum(dim=1).log_().add_(top)
+                total = logits.sub_(top[:, None]).exp_().sum(dim=1)
+                lse[i, c] = total.log().add_(top)
                 nll[i, c] = lse[i, c] - picked
-        ctx.save_for_backward(x, w, beta, scale, base, w_base, targets, lse)
+                if eager:
+                    dlogits = _softmax_minus_onehot(logits.div_(total[:, None]), targets[g, c])
+                    if scale_c is not None:
+                        dlogits.mul_(scale_c[i, :, None])
+                    jac_x[i, c] = dlogits @ w[0 if len(w) == 1 else i].T
+        ctx.eager = eager
+        ctx.save_for_backward(*((jac_x,) if eager else (x, w, beta, scale, base, w_base, targets, lse)))
         ctx.chunk_tokens = chunk_tokens
         return nll
 
     @staticmethod
     def backward(ctx, grad_nll):
+        if ctx.eager:
+            return ctx.saved_tensors[0] * grad_nll[..., None], None, None, None, None, None, None, None
         x, w, beta, scale, base, w_base, targets, lse = ctx.saved_tensors
         need_x, need_w, need_beta, need_scale = ctx.needs_input_grad[:4]
-        if ctx.needs_input_grad[4] or ctx.needs_input_grad[5]:
-            raise RuntimeError("fused_nll: base and w_base are constants (no gradient); detach them")
         k, n, _ = x.shape
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = torch.zeros_like(w) if need_w else None
@@ -75,8 +93,7 @@ class FusedNLL(torch.autograd.Function):
                 g = 0 if len(targets) == 1 else i
                 pre = _chunk_pre(base_c, x[:, c], w, i, g)
                 dlogits = _logits(pre, scale_c, beta, i, keep_pre=need_scale)
-                dlogits.sub_(lse[i, c, None]).exp_()  # softmax
-                dlogits.scatter_add_(1, targets[g, c, None], dlogits.new_full((dlogits.shape[0], 1), -1.0))
+                dlogits = _softmax_minus_onehot(dlogits.sub_(lse[i, c, None]).exp_(), targets[g, c])
                 dlogits.mul_(grad_nll[i, c, None])
                 if need_beta:
                     grad_beta += dlogits.sum(dim=0)
@@ -104,6 +121,6 @@ def fused_nll(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, targets: tor
         raise ValueError("fused_nll: pass base and w_base together, or neither")
     if chunk_tokens < 1:
         raise ValueError(f"fused_nll: chunk_tokens must be >= 1, got {chunk_tokens}")
-    if base is not None:
+    if base is not None:  # constants: no gradient flows to them
         base, w_base = base.detach(), w_base.detach()
     return FusedNLL.apply(x, w, beta, scale, base, w_base, targets, chunk_tokens)

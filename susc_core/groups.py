@@ -87,12 +87,19 @@ def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 class HeadGroup:
-    """Heads of one layer, one chain per row: ``heads[i]`` is the head index of chain row i."""
+    """Heads of one layer, one chain per row: ``heads[i]`` is the head index of chain row i.
 
-    def __init__(self, params: M.Params, cfg: M.ModelConfig, layer: int, comp: Component, heads: Sequence[int]):
+    lowrank: take the logits of a last-block head (attention-only model) through its rank-2·d_head logit
+    change (``lowrank``) instead of the shared unembedding of the final residual. Both are exact; the
+    low-rank form saves matmul FLOPs but not the vocabulary-sized softmax passes, which bound a CPU
+    (measured on the default model: slower there), so the engine uses it on accelerators only.
+    """
+
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, layer: int, comp: Component, heads: Sequence[int],
+                 lowrank: bool = True):
         self.params, self.cfg, self.layer, self.comp = params, cfg, layer, comp  # comp: any head of the layer
         self.heads = torch.tensor(list(heads), device=params["embed.W_E"].device)
-        self.lowrank = layer == cfg.n_layers - 1 and cfg.d_mlp == 0
+        self.lowrank = lowrank and layer == cfg.n_layers - 1 and cfg.d_mlp == 0
         p = f"blocks.{layer}.attn"
         self.w_o_star = params[f"{p}.W_O"]  # [H, E, D]
         if self.lowrank:

@@ -2,7 +2,10 @@ import numpy as np
 import pytest
 import torch
 
+from susc_core.components import component, gather
 from susc_core.engine import run_unit
+from susc_core.fused_nll import fused_nll
+from susc_core.groups import HeadGroup
 from susc_core.model import ModelConfig, init_params
 from susc_core.sgld import SamplerConfig
 
@@ -71,3 +74,56 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="batch_size"):
         run_unit(CFG, params, ["full"], [0], SamplerConfig(**{**SAMPLER.__dict__, "batch_size": 99}),
                  train, obs, probe, seed=1)
+
+
+def _fused_case(lowrank: bool):
+    gen = torch.Generator().manual_seed(7)
+    k, n, r, d, v = 3, 11, 4, 5, 9
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    x, beta = rnd(k, n, r).requires_grad_(), rnd(v).requires_grad_()
+    if lowrank:
+        w, targets = rnd(k, r, v).requires_grad_(), torch.randint(0, v, (1, n), generator=gen)
+        scale = (torch.rand(k, n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        base, w_base = rnd(1, n, d), rnd(d, v)
+        return (x, w, beta, scale), targets, base, w_base
+    return (x, rnd(1, r, v).requires_grad_(), beta, None), torch.randint(0, v, (k, n), generator=gen), None, None
+
+
+@pytest.mark.parametrize("lowrank,x_only", [(False, False), (True, False), (False, True), (True, True)])
+def test_fused_nll_value_and_gradient_equal_autograd(lowrank, x_only):
+    """x_only: w, beta, scale are constants, the gradient is formed in the forward pass (eager path)."""
+    (x, w, beta, scale), targets, base, w_base = _fused_case(lowrank)
+    if x_only:
+        w, beta, scale = (None if t is None else t.detach() for t in (w, beta, scale))
+    inputs = [t for t in (x, w, beta, scale) if t is not None and t.requires_grad]
+    logits = (x @ w if base is None else base @ w_base + x @ w)
+    logits = (logits if scale is None else scale[..., None] * logits) + beta
+    expected = torch.logsumexp(logits, -1) - logits.gather(-1, targets.expand(len(x), -1)[..., None])[..., 0]
+    got = fused_nll(x, w, beta, targets, 4, scale=scale, base=base, w_base=w_base)  # 4 does not divide n = 11
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
+                    torch.autograd.grad((expected * weights).sum(), inputs)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_nll_rejects_half_a_base():
+    (x, w, beta, _), targets, base, _ = _fused_case(True)
+    with pytest.raises(ValueError, match="base and w_base together"):
+        fused_nll(x, w, beta, targets, 4, base=base)
+
+
+def test_lowrank_head_logits_equal_the_unembedding_path():
+    params, (train, _, _) = _setup(CFG)
+    comp = component(CFG, "L1H0")
+    tokens = train[:4].unsqueeze(0)
+    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i))
+                     for i in range(2)]).requires_grad_()
+    out = []
+    for lowrank in (True, False):
+        group = HeadGroup(params, CFG, 1, comp, [0, 1], lowrank)
+        assert group.lowrank == lowrank
+        nll = group.losses(w, slice(0, 2), group.prepare(tokens))
+        out.append((nll, torch.autograd.grad(nll.sum(), w)[0]))
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)

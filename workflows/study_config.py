@@ -30,7 +30,7 @@ class ModelSection:
     gguf_file: str | None = None  # hf: GGUF file name inside that package
     attn_implementation: str = "eager"  # hf: vmap has no batching rule for fused SDPA
     shared_kv: bool = True  # hf GQA: a head holds the k/v rows of its KV group
-    loss_chunk_tokens: int = 2048  # adapters: most token rows of the logits held at once
+    loss_chunk_tokens: int = 256  # most token rows of the vocab logits held at once (256 is fastest on CPU)
     memory_budget_mib: int | None = None  # adapters: chains per gradient pass sized to fit this
 
 

@@ -3,7 +3,7 @@ probe contexts (with each probe token's identity and text for the outputs)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +58,7 @@ def _probe_allocation(cfg: StudyConfig) -> list[tuple[str, str, int]]:
 def load_inputs(cfg: StudyConfig) -> StudyInputs:
     """Read the checkpoint and the corpus slices that the study config names."""
     model_cfg, w_star = load_model(cfg.model.checkpoint)
+    model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # speed only, not results
     corpus = Path(cfg.data.corpus_dir)
     train_table = load_context_table(corpus / "train.parquet")
     corpus_width = len(train_table.column("tokens")[0])
