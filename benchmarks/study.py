@@ -63,7 +63,7 @@ def study_flops(cfg) -> float:
     n_comp = len(resolve_components(model_cfg, list(cfg.components.names))) + 1
     n_probe = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + n_probe) * seq
-    per_unit = unit_flops(model_cfg, cfg.sampler, n_comp, seq, obs_tokens)
+    per_unit = unit_flops(model_cfg, cfg.sampler, seq, obs_tokens)
     return per_unit * n_comp * cfg.sampler.n_chains * cfg.sampler.n_draws
 
 
