@@ -27,7 +27,7 @@ import torch
 from .model import ModelConfig, Params, param_shapes
 
 HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-_HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,14 @@ def resolve_components(cfg: ModelConfig, names: list[str] | tuple[str, ...]) -> 
 
     Raises ValueError naming the bad entry and listing the valid names.
     """
-    valid = valid_component_names(cfg)
+    return expand_names(valid_component_names(cfg), names)
+
+
+def expand_names(valid: list[str], names: list[str] | tuple[str, ...]) -> list[str]:
+    """Expand globs (``fnmatch``) and check names against ``valid``; unique names in first-mention order.
+
+    Raises ValueError naming the bad entry and listing the valid names.
+    """
     out: list[str] = []
     for name in names:
         matches = fnmatch.filter(valid, name) if any(c in name for c in "*?[") else [n for n in valid if n == name]
@@ -84,7 +91,7 @@ def component(cfg: ModelConfig, name: str) -> Component:
     """The ``Component`` called ``name`` (a concrete name, not a glob)."""
     resolve_components(cfg, [name])
     shapes = param_shapes(cfg)
-    if (m := _HEAD_RE.match(name)) is not None:
+    if (m := HEAD_RE.match(name)) is not None:
         layer, head = int(m.group(1)), int(m.group(2))
         slices = tuple((f"blocks.{layer}.attn.{p}", head) for p in HEAD_PARAMS)
         return Component(name, slices, tuple(shapes[p][1:] for p, _ in slices), layer, head)

@@ -6,6 +6,7 @@ chains' pooled autocorrelation with Geyer's initial monotone positive-pair trunc
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -57,3 +58,16 @@ def divergences(stats: Mapping[tuple[str, int], ChainStats]) -> dict[tuple[str, 
 def g_traces(chains: Sequence[ChainStats]) -> np.ndarray:
     """Stack the g traces of a component's non-diverged chains: [chains, draws]."""
     return np.stack([c.g_trace for c in chains if not c.diverged])
+
+
+def enforce_divergence_policy(stats: Mapping[tuple[str, int], ChainStats], policy: str) -> None:
+    """Policy "fail": raise naming every diverged (component, chain) and its first bad step; "drop":
+    warn (the estimators then leave those chains out). Never averaged in silently."""
+    diverged = divergences(stats)
+    if not diverged:
+        return
+    message = (f"{len(diverged)} chain(s) diverged (component, chain): first bad step = {diverged}; "
+               f"lower step_size or nbeta, or raise gamma")
+    if policy == "fail":
+        raise RuntimeError(message)
+    warnings.warn(message + "; they are flagged and the estimators drop them", RuntimeWarning, stacklevel=3)

@@ -12,7 +12,6 @@ context and shared; the minibatch sequence is shared by all chains when ``share_
 
 from __future__ import annotations
 
-import warnings
 from collections import defaultdict
 
 import numpy as np
@@ -20,7 +19,8 @@ import torch
 
 from .accumulator import to_chain_stats
 from .chains import reference_values, sample_chains
-from .components import _HEAD_RE, component, gather, resolve_components
+from .components import HEAD_RE, component, gather, resolve_components
+from .diagnostics import enforce_divergence_policy
 from .engine_reference import plan_reference
 from .groups import CachedGroup, HeadGroup
 from .model import ModelConfig, Params, param_shapes
@@ -39,7 +39,7 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
     heads_by_layer: dict[int, list[str]] = defaultdict(list)
     plan = []
     for name in names:
-        if _HEAD_RE.match(name):
+        if HEAD_RE.match(name):
             heads_by_layer[component(cfg, name).layer].append(name)
         else:
             plan.append((CachedGroup(params, cfg, component(cfg, name)), [(name, c) for c in chains]))
@@ -101,11 +101,5 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
         acc = sample_chains(group, w0, generators, schedule, train, obs, probe, ref, sampler,
                             model_cfg.loss_chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
-    diverged = {key: s.diverged_step for key, s in results.items() if s.diverged}
-    if diverged:
-        message = (f"{len(diverged)} chain(s) diverged (component, chain): first bad step = {diverged}; "
-                   f"lower step_size or nbeta, or raise gamma")
-        if sampler.divergence_policy == "fail":
-            raise RuntimeError(message)
-        warnings.warn(message + "; they are flagged and the estimators drop them", RuntimeWarning, stacklevel=2)
+    enforce_divergence_policy(results, sampler.divergence_policy)
     return results

@@ -16,16 +16,15 @@ logits, in the forward nor in the backward pass.
 
 from __future__ import annotations
 
-import fnmatch
-import re
 from typing import Protocol
 
 import torch
 from torch.func import functional_call
 
+from susc_core.components import HEAD_RE, expand_names
+
 Params = dict[str, torch.Tensor]
 Mask = dict[str, object]  # param name -> index expression or boolean mask
-HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
 WHOLE = slice(None)
 
 
@@ -41,21 +40,6 @@ class ModelAdapter(Protocol):
     def component_names(self) -> list[str]: ...
 
     def component_mask(self, name: str) -> Mask: ...
-
-
-def expand_names(valid: list[str], names: list[str] | tuple[str, ...]) -> list[str]:
-    """Expand globs (``fnmatch``) and check names against ``valid``; unique names in first-mention order.
-
-    Raises ValueError naming the bad entry and listing the valid names.
-    """
-    out: list[str] = []
-    for name in names:
-        matches = fnmatch.filter(valid, name) if any(c in name for c in "*?[") else [n for n in valid if n == name]
-        if not matches:
-            raise ValueError(f"unknown component {name!r} for this model; valid names: {', '.join(valid)} "
-                             f"(globs such as 'L1H*' or 'L*H0' are allowed)")
-        out += [m for m in matches if m not in out]
-    return out
 
 
 def flat_indices(mask: Mask, params: Params) -> dict[str, torch.Tensor]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
-import warnings
 
 import numpy as np
 import torch
@@ -22,6 +21,7 @@ from torch.func import vmap
 
 from ..accumulator import to_chain_stats
 from ..chains import Reference, context_chunks, sample_chains
+from ..diagnostics import enforce_divergence_policy
 from ..seeds import minibatch_schedule, stream_seed, torch_generator
 from ..sgld import SamplerConfig
 from ..stats import ChainStats
@@ -160,11 +160,5 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
                             ref, run_sampler, adapter.loss_chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
-    diverged = {key: s.diverged_step for key, s in results.items() if s.diverged}
-    if diverged:
-        message = (f"{len(diverged)} chain(s) diverged (component, chain): first bad step = {diverged}; "
-                   f"lower step_size or nbeta, or raise gamma")
-        if sampler.divergence_policy == "fail":
-            raise RuntimeError(message)
-        warnings.warn(message + "; they are flagged and the estimators drop them", RuntimeWarning, stacklevel=2)
+    enforce_divergence_policy(results, sampler.divergence_policy)
     return results
