@@ -54,11 +54,16 @@ def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[
     }
 
 
+def per_token_table(keys: dict, values: dict[str, np.ndarray]) -> pa.Table:
+    """Key columns (numpy object arrays become strings) + one float64 column per entry of ``values``."""
+    columns = {k: pa.array(list(v) if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in keys.items()}
+    return pa.table(columns | {name: pa.array(v, pa.float64()) for name, v in values.items()})
+
+
 def token_table(keys: dict, chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int]) -> pa.Table:
     """token_susceptibilities: key columns + one raw χ̂ column per component."""
-    columns = {k: pa.array(list(v) if isinstance(v, np.ndarray) and v.dtype == object else v) for k, v in keys.items()}
-    columns |= {name: pa.array(chi[name], pa.float64()) for name in components}
-    return pa.table(columns).replace_schema_metadata(_meta(components, layers, estimator="chi_hat_xy"))
+    return per_token_table(keys, {name: chi[name] for name in components}).replace_schema_metadata(
+        _meta(components, layers, estimator="chi_hat_xy"))
 
 
 def zscore(values: np.ndarray) -> np.ndarray:

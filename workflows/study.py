@@ -130,10 +130,9 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     roles, deltas = _head_roles(inputs, cfg)
     outputs.write_parquet(roles, run_dir / "head_roles.parquet")
     if deltas is not None:
-        ablation = {k: keys[k] for k in ("probe", "context_id", "position")}
-        ablation |= dict(zip(roles.column("component").to_pylist(), deltas))
-        outputs.write_parquet(pa.table({k: list(v) if isinstance(v, np.ndarray) and v.dtype == object else v
-                                        for k, v in ablation.items()}), run_dir / "ablation.parquet")
+        ablation = outputs.per_token_table({k: keys[k] for k in ("probe", "context_id", "position")},
+                                           dict(zip(roles.column("component").to_pylist(), deltas)))
+        outputs.write_parquet(ablation, run_dir / "ablation.parquet")
 
     summary = {
         "run_dir": str(run_dir), "units_total": report.total, "units_cached": report.cached,
