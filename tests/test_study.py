@@ -3,6 +3,7 @@ resume after interruption, config errors, multirun."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_outputs_have_the_right_shapes(inprocess_run):
     for probe in ("induction", "digits"):
         assert rm.loc[(probe, "L0H1"), "chi"] == pytest.approx(tk[tk.probe == probe]["L0H1"].mean(), rel=1e-9)
     assert summary["units_computed"] == summary["units_total"] == 3 * N_CHAINS  # 5 components in groups of 2
-    manifest = (cfg.run_dir and __import__("json").loads(open(f"{cfg.run_dir}/manifest.json").read()))
+    manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
     assert manifest["hashes"]["model"] and len(manifest["units"]) == summary["units_total"]
 
 
