@@ -51,7 +51,9 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
     return plan
 
 
-def _check_contexts(cfg: ModelConfig, **tensors: torch.Tensor) -> None:
+def check_contexts(cfg: ModelConfig, **tensors: torch.Tensor) -> None:
+    """Every context tensor is a non-empty [n, L+1] LongTensor with L+1 <= n_ctx+1, ids in [0, d_vocab),
+    and all share one length. ``cfg``: anything with ``n_ctx`` and ``d_vocab`` (a config or an adapter)."""
     for name, t in tensors.items():
         if t.dim() != 2 or t.shape[0] == 0 or not 2 <= t.shape[1] <= cfg.n_ctx + 1:
             raise ValueError(f"{name} must be a non-empty LongTensor [n, L+1] with 2 <= L+1 <= n_ctx+1 = "
@@ -85,7 +87,7 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     device = torch.device(device)
     params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
-    _check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
+    check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
     ref = reference_values(params, model_cfg, obs, probe)
     loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
     schedule_of = lambda comp, chain: minibatch_schedule(  # noqa: E731

@@ -6,9 +6,11 @@ Scores are mean attention weights in [0, 1]; loss deltas are in nats.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from susc_core.model import ModelConfig, Params, final_norm, per_token_loss
+from susc_core.synthetic import repeated_random
 
 
 def head_labels(cfg: ModelConfig) -> list[str]:
@@ -77,6 +79,16 @@ def head_scores(params: Params, cfg: ModelConfig, repeated_tokens: torch.Tensor)
         "previous_token": previous_token_score(pattern),
         "current_token": current_token_score(pattern),
     }
+
+
+def repeat_test_scores(params: Params, cfg: ModelConfig, generator: np.random.Generator, n_seqs: int,
+                       half_len: int, vocab_low: int = 1) -> dict[str, np.ndarray]:
+    """Every head's scores on ``n_seqs`` fresh sequences of random ids in [vocab_low, d_vocab) repeated
+    twice (the half length is capped at n_ctx // 2). Returns score name -> [n_layers * n_heads], in
+    :func:`head_labels` order."""
+    half = min(half_len, cfg.n_ctx // 2)
+    tokens = torch.from_numpy(repeated_random(generator, n_seqs, half, vocab_low, cfg.d_vocab))
+    return {k: v.flatten().numpy() for k, v in head_scores(params, cfg, tokens).items()}
 
 
 @torch.no_grad()

@@ -24,8 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from susc_core.components import resolve_components
 from susc_core.engine import run_unit
-from susc_core.head_roles import ablation_loss_deltas, head_labels, head_scores
-from susc_core.synthetic import repeated_random
+from susc_core.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
 from workflows import outputs
 from workflows.execute import RunReport, run_units
 from workflows.plan import WorkUnit, plan_units
@@ -59,9 +58,8 @@ def _code_version() -> str:
 def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray]:
     """head_roles table and ablation deltas [heads, T] on the probe tokens."""
     mc = inputs.model_cfg
-    half = min(cfg.head_roles.half_len, mc.n_ctx // 2)
-    tokens = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 2]), cfg.head_roles.n_seqs, half, 1, mc.d_vocab))
-    scores = {k: v.flatten().numpy() for k, v in head_scores(inputs.w_star, mc, tokens).items()}
+    scores = repeat_test_scores(inputs.w_star, mc, np.random.default_rng([cfg.seed, 2]), cfg.head_roles.n_seqs,
+                                cfg.head_roles.half_len)
     labels = head_labels(mc)
     table = pa.table({"component": labels, "layer": [i // mc.n_heads for i in range(len(labels))],
                       "head": [i % mc.n_heads for i in range(len(labels))], **scores})

@@ -24,9 +24,8 @@ from tqdm import tqdm
 from susc_core.checkpoint import (file_sha256, load_model, load_training_state, save_model,
                                   save_training_state)
 from susc_core.corpus import load_contexts
-from susc_core.head_roles import head_labels, head_scores
+from susc_core.head_roles import head_labels, repeat_test_scores
 from susc_core.model import ModelConfig, Transformer, init_params, n_params
-from susc_core.synthetic import repeated_random
 from susc_core.training import (CurriculumConfig, OptimConfig, domain_losses, make_optimizer, phase_at,
                                 sample_batch, total_steps, train_step)
 from workflows.runtime import get_logger, resolve_device
@@ -65,14 +64,6 @@ ConfigStore.instance().store(name="train_model_schema", node=TrainAppConfig)
 def _eval_sets(corpus_dir: Path, n: int, seq_len: int) -> dict[str, torch.Tensor]:
     probes = sorted((corpus_dir / "probes").glob("*.parquet"))
     return {p.stem: load_contexts(p)[:n, : seq_len + 1] for p in probes}
-
-
-def _score_heads(params, cfg: ModelConfig, hs: HeadScoreConfig, seed: int) -> dict[str, list[float]]:
-    generator = np.random.default_rng([seed, 1])
-    half = min(hs.half_len, cfg.n_ctx // 2)
-    tokens = torch.from_numpy(repeated_random(generator, hs.n_seqs, half, 1, cfg.d_vocab))
-    scores = head_scores(params, cfg, tokens)
-    return {k: v.flatten().tolist() for k, v in scores.items()}
 
 
 def model_card(cfg: TrainAppConfig, summary: dict) -> str:
@@ -176,7 +167,9 @@ def train(cfg: TrainAppConfig) -> dict:
         "n_params": n_params(cfg.arch), "steps": steps, "tokens_seen": tokens_seen,
         "wall_s": time.perf_counter() - t0, "device": str(device), "threads": torch.get_num_threads(),
         "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
-        "head_scores": _score_heads(params, cfg.arch, cfg.head_scores, cfg.seed),
+        "head_scores": {k: v.tolist() for k, v in repeat_test_scores(
+            params, cfg.arch, np.random.default_rng([cfg.seed, 1]), cfg.head_scores.n_seqs,
+            cfg.head_scores.half_len).items()},
         "sha256": file_sha256(weights_path),
         "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
     }

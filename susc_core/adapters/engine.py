@@ -22,6 +22,7 @@ from torch.func import vmap
 from ..accumulator import to_chain_stats
 from ..chains import Reference, context_chunks, sample_chains
 from ..diagnostics import enforce_divergence_policy
+from ..engine import check_contexts
 from ..seeds import minibatch_schedule, stream_seed, torch_generator
 from ..sgld import SamplerConfig
 from ..stats import ChainStats
@@ -106,15 +107,6 @@ def peak_memory_mib(device: torch.device | str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # Linux reports KiB
 
 
-def _check_contexts(adapter: ModelAdapter, **tensors: torch.Tensor) -> None:
-    for name, t in tensors.items():
-        if t.dim() != 2 or t.shape[0] == 0 or not 2 <= t.shape[1] <= adapter.n_ctx + 1:
-            raise ValueError(f"{name} must be a non-empty LongTensor [n, L+1] with 2 <= L+1 <= n_ctx+1 = "
-                             f"{adapter.n_ctx + 1}; got shape {tuple(t.shape)}")
-        if t.min() < 0 or t.max() >= adapter.d_vocab:
-            raise ValueError(f"{name} holds token ids outside [0, d_vocab={adapter.d_vocab})")
-
-
 def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
                      train_contexts: torch.Tensor, obs_contexts: torch.Tensor, probe_contexts: torch.Tensor,
                      seed: int, device: torch.device | str = "cpu",
@@ -135,7 +127,7 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     device = torch.device(device)
     params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
-    _check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
+    check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
     if len({t.shape[1] for t in (train, obs, probe)}) != 1:
         raise ValueError("train, observable and probe contexts must have the same length")
     ref = adapter_reference(adapter, params, obs, probe)
