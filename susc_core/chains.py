@@ -3,8 +3,8 @@
 A *group* computes per-token losses for a stack of chains of components; it has two methods:
 ``prepare(tokens [G, B, S+1]) -> cache`` (everything that depends only on w* and the tokens,
 computed once and shared by all chains; G = 1 for shared tokens, or one row per chain) and
-``losses(w [k, dim], rows: slice, cache) -> [k, B, S]`` (nats; ``rows`` selects the chains of this
-pass). ``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the
+``losses(w [k, dim], rows: slice, cache, mean=False) -> [k, B, S]`` (nats; ``rows`` selects the chains
+of this pass; ``mean=True`` returns each chain's mean loss [k], the SGLD step's objective). ``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the
 device, divergence and statistics are accumulated there.
 """
 
@@ -23,7 +23,7 @@ from .sgld import SamplerConfig, draw_noise, sgld_update
 class Group(Protocol):
     def prepare(self, tokens: torch.Tensor): ...
 
-    def losses(self, w: torch.Tensor, rows: slice, cache) -> torch.Tensor: ...
+    def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor: ...
 
 
 class Reference(NamedTuple):
@@ -91,7 +91,7 @@ def sample_chains(group: Group, w_star: torch.Tensor, generators: Sequence[torch
         for rows in passes:
             leaf = w[rows].detach().requires_grad_(True)
             with autocast():
-                loss = group.losses(leaf, rows, cache).float().mean(dim=(1, 2))
+                loss = group.losses(leaf, rows, cache, mean=True).float()
             grads.append(torch.autograd.grad(loss.sum(), leaf)[0])
             batch_loss.append(loss.detach())
         batch_loss = torch.cat(batch_loss)

@@ -91,6 +91,18 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def path_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file, or of a directory's files (relative name and content hash of each, sorted)."""
+    path = Path(path)
+    if path.is_file():
+        return file_sha256(path)
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    if not files:
+        raise FileNotFoundError(f"no files to hash at {path}")
+    listing = "\n".join(f"{p.relative_to(path).as_posix()} {file_sha256(p)}" for p in files)
+    return hashlib.sha256(listing.encode()).hexdigest()
+
+
 def save_training_state(path: str | Path, state: dict) -> None:
     """Write a resumable training state (tensors, numbers, strings, nested dicts/lists only)."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)

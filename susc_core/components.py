@@ -87,25 +87,33 @@ def expand_names(valid: list[str], names: list[str] | tuple[str, ...]) -> list[s
     return out
 
 
+def component_layer(name: str, n_layers: int) -> int:
+    """The first block whose computation component ``name`` (concrete, any model's naming) changes:
+    its layer for ``L{l}H{h}``, ``L{l}``, ``L{l}.mlp``; 0 for ``embed``, ``pos_embed``, ``full``;
+    ``n_layers`` for ``ln_final`` and ``unembed`` (they change only what follows the last block)."""
+    if (m := HEAD_RE.match(name)) is not None:
+        return int(m.group(1))
+    if name in ("embed", "pos_embed", "full"):
+        return 0
+    if name in ("ln_final", "unembed"):
+        return n_layers
+    return int(name[1:-4] if name.endswith(".mlp") else name[1:])
+
+
 def component(cfg: ModelConfig, name: str) -> Component:
     """The ``Component`` called ``name`` (a concrete name, not a glob)."""
     resolve_components(cfg, [name])
     shapes = param_shapes(cfg)
+    layer = component_layer(name, cfg.n_layers)
     if (m := HEAD_RE.match(name)) is not None:
-        layer, head = int(m.group(1)), int(m.group(2))
-        slices = tuple((f"blocks.{layer}.attn.{p}", head) for p in HEAD_PARAMS)
-        return Component(name, slices, tuple(shapes[p][1:] for p, _ in slices), layer, head)
+        slices = tuple((f"blocks.{layer}.attn.{p}", int(m.group(2))) for p in HEAD_PARAMS)
+        return Component(name, slices, tuple(shapes[p][1:] for p, _ in slices), layer, int(m.group(2)))
     if name == "full":
-        prefixes, layer = ("",), 0
+        prefixes = ("",)
     elif name in ("embed", "pos_embed", "ln_final", "unembed"):
         prefixes = (f"{name}.",)
-        layer = cfg.n_layers if name in ("ln_final", "unembed") else 0
-    elif name.endswith(".mlp"):
-        layer = int(name[1:-4])
-        prefixes = (f"blocks.{layer}.mlp.",)
     else:
-        layer = int(name[1:])
-        prefixes = (f"blocks.{layer}.",)
+        prefixes = (f"blocks.{layer}.mlp.",) if name.endswith(".mlp") else (f"blocks.{layer}.",)
     slices = tuple((p, None) for p in shapes if p.startswith(prefixes))
     return Component(name, slices, tuple(shapes[p] for p, _ in slices), layer)
 

@@ -13,11 +13,13 @@ import numpy as np
 
 from .stats import ChainStats
 
+MIN_DRAWS = 4  # split-R-hat and ESS split each chain in halves of at least 2 draws
+
 
 def _split(traces: np.ndarray) -> np.ndarray:
     traces = np.asarray(traces, np.float64)
-    if traces.ndim != 2 or traces.shape[1] < 4:
-        raise ValueError(f"traces must be [chains, draws] with at least 4 draws, got shape {traces.shape}")
+    if traces.ndim != 2 or traces.shape[1] < MIN_DRAWS:
+        raise ValueError(f"traces must be [chains, draws] with at least {MIN_DRAWS} draws, got shape {traces.shape}")
     half = traces.shape[1] // 2
     return np.concatenate([traces[:, :half], traces[:, -half:]])
 

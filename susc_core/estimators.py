@@ -5,6 +5,10 @@ With means pooled over the chains x draws of a run (diverged chains dropped, wit
     chi_hat^C_t = -( mean_C[g a_t] - mean_C[g] * mean_full[a_t] )
 
 where a_t = A_t - A*_t; the w* shift cancels exactly, so this is the formula of SCIENCE.md §2.
+Without a full run (a study with ``components.include_full=false``, for models whose unrestricted
+run is too costly) the component's own chains are passed as ``full``: χ̂ = -Cov_C[g, a_t], the
+covariance under the weight-restricted posterior. That is a different estimator (it drops the
+term mean_C[g]·(mean_C[a_t] - mean_full[a_t])); compare it only with itself.
 Standard errors are across chains: the spread of the per-chain estimates / sqrt(chains).
 """
 
@@ -40,7 +44,10 @@ def _se(per_chain: list) -> np.ndarray | float:
 
 
 def per_token_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats]) -> Estimate:
-    """χ̂^C_t for every probe token t: [T] value and standard error (across the component's chains)."""
+    """χ̂^C_t for every probe token t: [T] value and standard error (across the component's chains).
+
+    full: the chains whose mean of a_t centres the estimate (the unrestricted run; ``comp`` itself for
+    the restricted covariance -Cov_C[g, a_t])."""
     comp, full = _kept(comp), _kept(full)
     f = pool(full)
     mean_full_a = f.sum_a / f.count
@@ -64,7 +71,7 @@ def mixture_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats], token_we
     """χ̂ of the mixture q_h = (1 - δh) q + δh q' whose probe q' weighs tokens by token_weights [T] (sum 1).
 
     ΔL_h = δh * Σ_t w_t A_t, so the estimate is -Cov[g, ΔL_h] computed from the sums; it estimates
-    δh·χ (the paper's check: slope 1/δh against the token mean).
+    δh·χ (the paper's check: slope 1/δh against the token mean). full: as in ``per_token_chi``.
     """
     w = np.asarray(token_weights, np.float64)
     if not np.isclose(w.sum(), 1.0):

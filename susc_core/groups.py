@@ -6,7 +6,9 @@
 - ``HeadGroup``: heads of one layer, all chains on an explicit chain axis: only the moving head is
   recomputed per chain; the rest of the layer's output is cached; for heads of the last attention-only
   block the logits come through the low-rank change (``lowrank``).
-Shapes: tokens [G, B, S+1] (G = 1 shared by all chains, or one row per chain); losses [k, B, S] nats.
+Shapes: tokens [G, B, S+1] (G = 1 shared by all chains, or one row per chain); losses [k, B, S] nats,
+or each chain's mean [k] with ``mean=True`` (the SGLD step's loss; the fused groups then form the
+weight gradients in the forward, see ``fused_nll``).
 """
 
 from __future__ import annotations
@@ -45,10 +47,11 @@ class HonestGroup:
     def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
         tokens = _rows(cache, rows)
-        return torch.stack([M.per_token_loss(scatter(self.params, self.comp, w[i]), self.cfg,
-                                             tokens[0 if len(tokens) == 1 else i]) for i in range(len(w))])
+        out = torch.stack([M.per_token_loss(scatter(self.params, self.comp, w[i]), self.cfg,
+                                            tokens[0 if len(tokens) == 1 else i]) for i in range(len(w))])
+        return out.mean(dim=(1, 2)) if mean else out
 
 
 class CachedGroup(HonestGroup):
@@ -63,7 +66,7 @@ class CachedGroup(HonestGroup):
         resid = upstream(self.params, self.cfg, inputs, self.comp.layer)
         return tokens, resid.view(g, b, s1 - 1, -1)
 
-    def losses(self, w: torch.Tensor, rows: slice, cache) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor:
         tokens, resid = (None if t is None else _rows(t, rows) for t in cache)
         out = []
         for i in range(len(w)):
@@ -73,8 +76,8 @@ class CachedGroup(HonestGroup):
             x = M.final_norm(params, self.cfg, tokens[g, :, :-1], start_layer=start,
                              resid=None if resid is None else resid[g])
             nll = fused_nll(x.reshape(1, -1, x.shape[-1]), params["unembed.W_U"][None], params["unembed.b_U"],
-                            tokens[g, :, 1:].reshape(1, -1), self.cfg.loss_chunk_tokens)
-            out.append(nll.view(x.shape[:-1]))
+                            tokens[g, :, 1:].reshape(1, -1), self.cfg.loss_chunk_tokens, mean=mean)
+            out.append(nll[0] if mean else nll.view(x.shape[:-1]))
         return torch.stack(out)
 
 
@@ -118,7 +121,7 @@ class HeadGroup:
                  "targets": tokens[..., 1:].reshape(g * b, s)}
         return {k: v.reshape(g, b, *v.shape[1:]) for k, v in cache.items()}
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor]) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor], mean: bool = False) -> torch.Tensor:
         k, p = len(w), f"blocks.{self.layer}.attn"
         heads = self.heads[rows]
         c = {name: _rows(t, rows) for name, t in cache.items()}
@@ -142,14 +145,14 @@ class HeadGroup:
             basis = torch.cat([wt[f"{p}.W_O"] @ self.fmap.wc, -self.m_star[heads]], dim=1)
             nll = fused_nll(factors, basis, self.fmap.beta, targets, self.cfg.loss_chunk_tokens,
                             scale=inv_sigma(resid, self.cfg.ln_eps), base=c["base"].reshape(g, b * s, d),
-                            w_base=self.fmap.wc)
-            return nll.view(k, b, s)
+                            w_base=self.fmap.wc, mean=mean)
+            return nll if mean else nll.view(k, b, s)
         resid = resid.view(k * b, s, d)
         if self.cfg.d_mlp > 0:
             l = f"blocks.{self.layer}"
             x = M.layer_norm(resid, self.params[f"{l}.ln2.w"], self.params[f"{l}.ln2.b"], self.cfg.ln_eps)
             resid = resid + M.mlp(self.params, self.layer, x)
         x = M.final_norm(self.params, self.cfg, targets.new_zeros(1, s), start_layer=self.layer + 1, resid=resid)
-        t = targets.expand(k, -1) if g == 1 else targets
-        return fused_nll(x.reshape(1, k * b * s, d), self.params["unembed.W_U"][None], self.params["unembed.b_U"],
-                         t.reshape(1, -1), self.cfg.loss_chunk_tokens).view(k, b, s)
+        nll = fused_nll(x.reshape(k, b * s, d), self.params["unembed.W_U"][None], self.params["unembed.b_U"],
+                        targets, self.cfg.loss_chunk_tokens, mean=mean)
+        return nll if mean else nll.view(k, b, s)

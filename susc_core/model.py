@@ -40,7 +40,9 @@ class ModelConfig:
     d_vocab: int = 4096
     d_mlp: int = 0  # 0 means attention-only (the paper's model); >0 adds a GELU MLP per block
     ln_eps: float = 1e-5
-    init_std: float = 0.02  # std of the normal init of every weight matrix
+    init_std: float = 0.02  # std of the normal init of every weight matrix except the token embedding
+    embed_init_std: float = 1.0  # std of W_E's init (torch's nn.Embedding default); with 0.02 no induction
+    # head formed in the curriculum of shared/TRAINING.md (measured: MODEL_CARD.md)
     loss_chunk_tokens: int = 2048  # tokens per chunk of the vocab log-softmax (bounds its memory)
 
     def to_dict(self) -> dict:
@@ -82,7 +84,8 @@ def n_params(cfg: ModelConfig) -> int:
 
 
 def init_params(cfg: ModelConfig, generator: torch.Generator) -> Params:
-    """Fresh parameters: N(0, init_std) matrices, zero biases, unit LayerNorm gains (fp32, CPU)."""
+    """Fresh parameters: N(0, embed_init_std) token embedding, N(0, init_std) other matrices, zero
+    biases, unit LayerNorm gains (fp32, CPU)."""
     params = {}
     for name, shape in param_shapes(cfg).items():
         leaf = name.rsplit(".", 1)[1]
@@ -91,7 +94,8 @@ def init_params(cfg: ModelConfig, generator: torch.Generator) -> Params:
         elif leaf.startswith("b"):
             params[name] = torch.zeros(shape)
         else:
-            params[name] = torch.randn(shape, generator=generator) * cfg.init_std
+            std = cfg.embed_init_std if name == "embed.W_E" else cfg.init_std
+            params[name] = torch.randn(shape, generator=generator) * std
     return params
 
 

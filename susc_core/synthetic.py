@@ -59,9 +59,8 @@ def gapped_repeats(generator: np.random.Generator, n_seqs: int, seq_len: int, vo
     random filler (length in [gap_min, gap_max]), then the segment again, cut to ``seq_len``.
 
     The distance between the two copies varies from block to block, so no fixed look-back offset
-    predicts the copy: only an induction circuit does (tiled back-to-back repeats instead reward a
-    head that attends one typical period back, and induction heads never form; measured in
-    MODEL_CARD.md). Returns int64 ``[n_seqs, seq_len]`` ids in ``[vocab_low, vocab_high)``.
+    predicts the copy: only an induction circuit does. Returns int64 ``[n_seqs, seq_len]`` ids in
+    ``[vocab_low, vocab_high)``.
     """
     _check_vocab(vocab_low, vocab_high)
     _check_range("seg", seg_min, seg_max)

@@ -28,11 +28,11 @@ class PhaseConfig:
 
 @dataclass
 class RepeatsConfig:
-    """The induction-forming synthetic family: random segments repeated after a random gap."""
+    """The induction-forming synthetic family: random segments repeated (shared/TRAINING.md)."""
 
-    family: str = "gapped"  # gapped: segment, gap, segment (forms induction heads); tiled: back-to-back copies
-    seg_min: int = 6
-    seg_max: int = 20
+    family: str = "tiled"  # tiled: back-to-back copies; gapped: segment, random gap, segment
+    seg_min: int = 4
+    seg_max: int = 16
     gap_min: int = 0  # gapped only: random filler tokens between the two copies
     gap_max: int = 12
     copies_min: int = 2  # tiled only

@@ -161,4 +161,4 @@ def test_sampler_diagnostics_counts():
     check = validation.sampler_diagnostics(diag, RULES)
     assert check.status == "flag" and len(check.details) == 3
     assert check.summary.startswith("3 of 4 (component, chain) flagged: 1 diverged, 1 with R-hat")
-    assert check.summary.endswith("R-hat undefined (fewer than two kept chains) for 1")
+    assert check.summary.endswith("R-hat undefined (fewer than two kept chains or 4 draws) for 1")

@@ -89,22 +89,30 @@ def _fused_case(lowrank: bool):
     return (x, rnd(1, r, v).requires_grad_(), beta, None), torch.randint(0, v, (k, n), generator=gen), None, None
 
 
-@pytest.mark.parametrize("lowrank,x_only", [(False, False), (True, False), (False, True), (True, True)])
-def test_fused_nll_value_and_gradient_equal_autograd(lowrank, x_only):
-    """x_only: w, beta, scale are constants, the gradient is formed in the forward pass (eager path)."""
+@pytest.mark.parametrize("lowrank", [False, True])
+@pytest.mark.parametrize("mean", [False, True])
+def test_fused_nll_value_and_gradient_equal_autograd(lowrank, mean):
+    """Per-token output: gradients in x (and scale); per-chain mean: gradients in every input."""
     (x, w, beta, scale), targets, base, w_base = _fused_case(lowrank)
-    if x_only:
-        w, beta, scale = (None if t is None else t.detach() for t in (w, beta, scale))
+    if not mean:
+        w, beta = w.detach(), beta.detach()
     inputs = [t for t in (x, w, beta, scale) if t is not None and t.requires_grad]
     logits = (x @ w if base is None else base @ w_base + x @ w)
     logits = (logits if scale is None else scale[..., None] * logits) + beta
     expected = torch.logsumexp(logits, -1) - logits.gather(-1, targets.expand(len(x), -1)[..., None])[..., 0]
-    got = fused_nll(x, w, beta, targets, 4, scale=scale, base=base, w_base=w_base)  # 4 does not divide n = 11
+    expected = expected.mean(dim=1) if mean else expected
+    got = fused_nll(x, w, beta, targets, 4, scale=scale, base=base, w_base=w_base, mean=mean)  # 4 does not divide n = 11
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
     weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
                     torch.autograd.grad((expected * weights).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_fused_nll_per_token_refuses_weight_gradients():
+    (x, w, beta, _), targets, _, _ = _fused_case(False)
+    with pytest.raises(ValueError, match="mean=True"):
+        fused_nll(x, w, beta, targets, 4)
 
 
 def test_fused_nll_rejects_half_a_base():
@@ -123,7 +131,10 @@ def test_lowrank_head_logits_equal_the_unembedding_path():
     for lowrank in (True, False):
         group = HeadGroup(params, CFG, 1, comp, [0, 1], lowrank)
         assert group.lowrank == lowrank
-        nll = group.losses(w, slice(0, 2), group.prepare(tokens))
-        out.append((nll, torch.autograd.grad(nll.sum(), w)[0]))
+        with torch.no_grad():
+            nll = group.losses(w, slice(0, 2), group.prepare(tokens))
+        mean = group.losses(w, slice(0, 2), group.prepare(tokens), mean=True)
+        torch.testing.assert_close(mean, nll.mean(dim=(1, 2)), rtol=0, atol=1e-6)
+        out.append((nll.detach(), torch.autograd.grad(mean.sum(), w)[0]))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)

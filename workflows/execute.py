@@ -7,6 +7,7 @@ finished. ``ray.remote`` appears only here.
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 import sys
@@ -52,11 +53,15 @@ class RunReport:
     computed: int
     seconds: float
     where: dict[str, int]  # "host:device" -> units computed there
+    peak_rss_mib: float  # largest peak RSS of a process that computed a unit (NaN if none was computed)
+    peak_cuda_mib: float  # largest CUDA peak allocation of a unit (NaN without CUDA)
 
 
 def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_dir: str | None) -> tuple[UnitStats, dict]:
-    """Run one unit; returns its statistics and where/how long it ran."""
+    """Run one unit; returns its statistics and where/how long it ran, with the process's peak memory."""
     import torch
+
+    from susc_core.adapters.engine import peak_memory_mib, reset_peak_memory
 
     if kill_dir is not None:
         try:  # the first unit to get here claims the marker and takes its worker down
@@ -66,13 +71,17 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
             pass
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)  # same thread count in and out of Ray: bitwise-equal reductions
+    if torch.cuda.is_available():
+        reset_peak_memory("cuda")
     start = time.perf_counter()
     try:
         stats = task(unit, shared)
     finally:
         torch.set_num_threads(previous)
     return stats, {"host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start,
-                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+                   "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+                   "peak_rss_mib": peak_memory_mib("cpu"),
+                   "peak_cuda_mib": peak_memory_mib("cuda") if torch.cuda.is_available() else float("nan")}
 
 
 def init_ray(cluster: ClusterConfig) -> dict:
@@ -107,13 +116,16 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
     log.info("%d work units: %d cached in %s, %d to compute (executor=%s)",
              len(units), cached, store.root, len(todo), cluster.executor)
     where: dict[str, int] = {}
+    peaks: list[tuple[float, float]] = []  # (RSS, CUDA) of every computed unit
     bar = tqdm(total=len(units), initial=cached, desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
 
     def finish(unit: WorkUnit, stats: UnitStats, info: dict) -> None:
         store.save(unit.key, stats)
         place = f"{info['host']}:{info['device']}"
         where[place] = where.get(place, 0) + 1
-        log.info("unit %s finished on %s (pid %d) in %.1f s", unit.label(), place, info["pid"], info["seconds"])
+        peaks.append((info["peak_rss_mib"], info["peak_cuda_mib"]))
+        log.info("unit %s finished on %s (pid %d) in %.1f s; peak RSS of the process %.0f MiB", unit.label(), place,
+                 info["pid"], info["seconds"], info["peak_rss_mib"])
         bar.update(1)
 
     threads = int(cluster.task_cpus) if cluster.task_cpus >= 1 else 1
@@ -131,7 +143,13 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         raise
     finally:
         bar.close()
-    return RunReport(len(units), cached, len(todo), time.perf_counter() - start, where)
+    return RunReport(len(units), cached, len(todo), time.perf_counter() - start, where,
+                     _largest(p[0] for p in peaks), _largest(p[1] for p in peaks))
+
+
+def _largest(values) -> float:
+    """The largest finite value (NaN when there is none)."""
+    return max((v for v in values if math.isfinite(v)), default=float("nan"))
 
 
 def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,

@@ -12,13 +12,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from susc_core.components import component
+from susc_core.components import component_layer
 from susc_core.estimators import convergence, llc, mixture_chi, per_token_chi
-from susc_core.diagnostics import ess
-from susc_core.model import ModelConfig
+from susc_core.diagnostics import MIN_DRAWS, ess
 from susc_core.stats import ChainStats
 
 FULL = "full"
+ESTIMATORS = {True: "chi_hat_xy", False: "chi_hat_xy restricted: -Cov_C[g, a] (no full run)"}  # by has-full
 
 
 def _meta(components: list[str], layers: dict[str, int], **extra) -> dict[str, str]:
@@ -26,9 +26,16 @@ def _meta(components: list[str], layers: dict[str, int], **extra) -> dict[str, s
             **{k: json.dumps(v) for k, v in extra.items()}}
 
 
-def layers_of(cfg: ModelConfig, components: list[str]) -> dict[str, int]:
-    """component -> the layer it belongs to (-1 for embed, n_layers for unembed/full)."""
-    return {name: component(cfg, name).layer for name in components}
+def layers_of(n_layers: int, components: list[str]) -> dict[str, int]:
+    """component -> the first layer it changes (``components.component_layer``: 0 for embed, n_layers
+    for ln_final/unembed)."""
+    return {name: component_layer(name, n_layers) for name in components}
+
+
+def reference(stats: dict[str, list[ChainStats]], comp: str) -> list[ChainStats]:
+    """The chains whose mean of a_t centres χ̂ of ``comp``: the full run when the study has one, else
+    the component's own chains (the restricted covariance, see ``susc_core.estimators``)."""
+    return stats.get(FULL, stats[comp])
 
 
 def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[str]]) -> dict[str, np.ndarray | list]:
@@ -60,10 +67,11 @@ def per_token_table(keys: dict, values: dict[str, np.ndarray]) -> pa.Table:
     return pa.table(columns | {name: pa.array(v, pa.float64()) for name, v in values.items()})
 
 
-def token_table(keys: dict, chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int]) -> pa.Table:
+def token_table(keys: dict, chi: dict[str, np.ndarray], components: list[str], layers: dict[str, int],
+                estimator: str = ESTIMATORS[True]) -> pa.Table:
     """token_susceptibilities: key columns + one raw χ̂ column per component."""
     return per_token_table(keys, {name: chi[name] for name in components}).replace_schema_metadata(
-        _meta(components, layers, estimator="chi_hat_xy"))
+        _meta(components, layers, estimator=estimator))
 
 
 def zscore(values: np.ndarray) -> np.ndarray:
@@ -92,11 +100,12 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
             weights = (token_probe == i) / counts[i]
             mix_tokens = (token_probe == i) & held_out
             mix_weights = mix_tokens / mix_tokens.sum() if mix_tokens.any() else weights
-            per_chain = [mixture_chi([c], stats[FULL], weights, 1.0).value for c in stats[comp] if not c.diverged]
+            ref = reference(stats, comp)
+            per_chain = [mixture_chi([c], ref, weights, 1.0).value for c in stats[comp] if not c.diverged]
             se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
             records.append({"probe": probe, "component": comp, "layer": layers[comp], "chi": raw[i, j],
                             "chi_se": se, "chi_std": std[i, j],
-                            "chi_mixture": mixture_chi(stats[comp], stats[FULL], mix_weights, delta_h).value,
+                            "chi_mixture": mixture_chi(stats[comp], ref, mix_weights, delta_h).value,
                             "n_tokens": int(counts[i])})
     return pa.Table.from_pylist(records).replace_schema_metadata(
         _meta(components, layers, delta_h=delta_h, standardisation="z-score per component over probes"))
@@ -119,13 +128,13 @@ def diagnostics_table(stats: dict[str, list[ChainStats]], nbeta: float, chains: 
     records = []
     for comp in sorted(stats):
         kept = [c for c in stats[comp] if not c.diverged]
-        run = convergence(stats[comp]) if len(kept) > 1 else None
+        run = convergence(stats[comp]) if len(kept) > 1 and kept[0].count >= MIN_DRAWS else None
         pooled = llc(stats[comp], nbeta) if kept else None
         for chain, s in zip(chains[comp], stats[comp]):
             records.append({
                 "component": comp, "chain": chain,
                 "rhat": float(run.rhat) if run else float("nan"),
-                "ess": float(ess(s.g_trace[None, :])) if s.count > 3 else float("nan"),
+                "ess": float(ess(s.g_trace[None, :])) if s.count >= MIN_DRAWS else float("nan"),
                 "diverged": bool(s.diverged), "diverged_step": int(s.diverged_step),
                 "llc": nbeta * s.sum_g / s.count, "mean_g": s.sum_g / s.count,
                 "llc_run": float(pooled.value) if pooled else float("nan"),
@@ -137,10 +146,11 @@ def diagnostics_table(stats: dict[str, list[ChainStats]], nbeta: float, chains: 
 
 
 def per_token(stats: dict[str, list[ChainStats]], components: list[str]) -> tuple[dict, dict]:
-    """χ̂_xy and its standard error across chains for every component: ({c: [T]}, {c: [T]})."""
+    """χ̂_xy and its standard error across chains for every component: ({c: [T]}, {c: [T]}).
+    Centred on the full run when ``stats`` has one, else on each component's own chains."""
     chi, se = {}, {}
     for comp in components:
-        est = per_token_chi(stats[comp], stats[FULL])
+        est = per_token_chi(stats[comp], reference(stats, comp))
         chi[comp], se[comp] = np.asarray(est.value), np.asarray(est.se)
     return chi, se
 

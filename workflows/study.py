@@ -22,7 +22,9 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from susc_core.components import resolve_components
+from susc_core.adapters.engine import peak_memory_mib, run_adapter_unit
+from susc_core.adapters.load import load_adapter
+from susc_core.components import expand_names
 from susc_core.engine import run_unit
 from susc_core.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
 from workflows import outputs
@@ -40,10 +42,18 @@ register_resolvers()
 
 
 def unit_task(unit: WorkUnit, shared: dict) -> dict:
-    """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields."""
-    stats = run_unit(shared["model_cfg"], shared["w_star"], list(unit.components), list(unit.chains),
-                     shared["sampler"], shared["train"], shared["obs"], shared["probe_shards"][unit.shard],
-                     shared["seed"], device=resolve_device(shared["device"]))  # resolved where the unit runs
+    """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields.
+
+    The bundled model's weights travel in ``shared``; an adapter model travels as its ``AdapterSpec``
+    and is loaded once per worker process (``load_adapter`` keeps it)."""
+    args = (list(unit.components), list(unit.chains), shared["sampler"], shared["train"], shared["obs"],
+            shared["probe_shards"][unit.shard], shared["seed"])
+    device = resolve_device(shared["device"])  # resolved where the unit runs
+    if shared["adapter"] is None:
+        stats = run_unit(shared["model_cfg"], shared["w_star"], *args, device=device)
+    else:
+        stats = run_adapter_unit(load_adapter(shared["adapter"]), *args, device=device,
+                                 memory_budget_mib=shared["memory_budget_mib"])
     return to_fields(stats)
 
 
@@ -55,8 +65,8 @@ def _code_version() -> str:
         return "unknown"
 
 
-def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray]:
-    """head_roles table and ablation deltas [heads, T] on the probe tokens."""
+def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray | None]:
+    """head_roles table and ablation deltas [heads, T] on the probe tokens (bundled model only)."""
     mc = inputs.model_cfg
     scores = repeat_test_scores(inputs.w_star, mc, np.random.default_rng([cfg.seed, 2]), cfg.head_roles.n_seqs,
                                 cfg.head_roles.half_len)
@@ -67,52 +77,73 @@ def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.nda
     return table, (deltas.reshape(len(labels), -1).numpy() if deltas is not None else None)
 
 
+def _write_head_roles(inputs: StudyInputs, cfg: StudyConfig, keys: dict, run_dir: Path) -> None:
+    """head_roles.parquet and ablation.parquet (per-token keys ``keys``), for the bundled model only."""
+    if inputs.model_cfg is None:
+        log.info("head roles and zero-ablation deltas are computed for the bundled model only; skipped for "
+                 "model.adapter=%s (no head_roles.parquet or ablation.parquet)", cfg.model.adapter)
+        return
+    roles, deltas = _head_roles(inputs, cfg)
+    outputs.write_parquet(roles, run_dir / "head_roles.parquet")
+    if deltas is not None:
+        ablation = outputs.per_token_table({k: keys[k] for k in ("probe", "context_id", "position")},
+                                           dict(zip(roles.column("component").to_pylist(), deltas)))
+        outputs.write_parquet(ablation, run_dir / "ablation.parquet")
+
+
 def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
     shards = [s for s in torch.tensor_split(inputs.probe, cfg.units.probe_shards) if len(s)]
     if len(shards) != cfg.units.probe_shards:
         raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
-    return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "sampler": cfg.sampler, "train": inputs.train,
+    return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "adapter": inputs.adapter,
+            "memory_budget_mib": cfg.model.memory_budget_mib, "sampler": cfg.sampler, "train": inputs.train,
             "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": cfg.model.device}
+
+
+def _fingerprint(cfg: StudyConfig, inputs: StudyInputs) -> dict:
+    """What every unit's statistics depend on besides its own components, chains and shard."""
+    out = {"sampler": asdict(cfg.sampler), "hashes": inputs.hashes, "seed": cfg.seed, "data": asdict(cfg.data),
+           "probes": inputs.probe_rows.select(["probe", "domain", "context_id"]).to_pydict(),
+           "shards": cfg.units.probe_shards}
+    if inputs.adapter is not None:  # adapter options change results (memory budget: float rounding only)
+        out["adapter"] = asdict(inputs.adapter) | {"memory_budget_mib": cfg.model.memory_budget_mib}
+    return out
 
 
 def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     """Run one study; returns its summary (also the sweep-summary row). ``resolved``: the config as a dict."""
     start = time.perf_counter()
-    if cfg.model.adapter != "bundled":
-        raise ValueError(f"model.adapter={cfg.model.adapter!r}: the study app runs the bundled model only for now "
-                         f"(its corpus is tokenised with the bundled tokenizer); run adapter models with "
-                         f"examples/smollm2_study.py, which re-tokenises the corpus and calls run_adapter_unit")
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     attached = cfg.cluster.executor == "ray" and cfg.cluster.address != "local"
     # on an attached cluster the driver may sit on a CPU head: workers resolve the device themselves
     device = cfg.model.device if attached else str(resolve_device(cfg.model.device))
     inputs = load_inputs(cfg)
-    mc = inputs.model_cfg
-    components = [c for c in resolve_components(mc, list(cfg.components.names)) if c != outputs.FULL]
+    components = [c for c in expand_names(inputs.component_names, list(cfg.components.names)) if c != outputs.FULL]
     if not components:
         raise ValueError(f"components.names={list(cfg.components.names)} selects no component besides 'full'")
-    planned = components + [outputs.FULL]
-    fingerprint = {"sampler": asdict(cfg.sampler), "hashes": inputs.hashes, "seed": cfg.seed,
-                   "data": asdict(cfg.data), "probes": inputs.probe_rows.select(["probe", "domain", "context_id"]).to_pydict(),
-                   "shards": cfg.units.probe_shards}
+    planned = components + ([outputs.FULL] if cfg.components.include_full else [])
     units = plan_units(planned, cfg.sampler.n_chains, cfg.units.probe_shards, cfg.units.components_per_unit,
-                       cfg.units.chains_per_unit, fingerprint)
-    log.info("study: %d components + full × %d chains × %d draws; %d probe contexts (%d tokens) in %d shard(s); "
-             "%d units; device %s", len(components), cfg.sampler.n_chains, cfg.sampler.n_draws, len(inputs.probe),
-             inputs.probe[:, 1:].numel(), cfg.units.probe_shards, len(units), device)
+                       cfg.units.chains_per_unit, _fingerprint(cfg, inputs))
+    log.info("study of the %s model: %d components%s × %d chains × %d draws; %d probe contexts (%d tokens) in "
+             "%d shard(s); %d units; device %s", cfg.model.adapter, len(components),
+             " + full" if cfg.components.include_full else " (no full run)", cfg.sampler.n_chains,
+             cfg.sampler.n_draws, len(inputs.probe), inputs.probe[:, 1:].numel(), cfg.units.probe_shards, len(units),
+             device)
     store = UnitStore(cfg.cache_dir)
     report: RunReport = run_units(units, unit_task, _shared(cfg, inputs), cfg.cluster, store)
     stats = collect(units, {u.key: store.load(u.key) for u in units})
     chains = {comp: list(range(cfg.sampler.n_chains)) for comp in stats}
 
-    layers = outputs.layers_of(mc, components)
+    layers = outputs.layers_of(inputs.n_layers, components)
     texts = token_texts(cfg.data.corpus_dir, inputs.probe_rows, inputs.probe.shape[1])
     keys = outputs.token_keys(inputs.probe_rows, inputs.probe.numpy(), texts)
     chi, se = outputs.per_token(stats, components)
     probe_names = list(dict.fromkeys(keys["probe"]))
     token_probe = np.asarray([probe_names.index(p) for p in keys["probe"]])
-    outputs.write_parquet(outputs.token_table(keys, chi, components, layers), run_dir / "token_susceptibilities.parquet")
+    estimator = outputs.ESTIMATORS[outputs.FULL in stats]
+    outputs.write_parquet(outputs.token_table(keys, chi, components, layers, estimator),
+                          run_dir / "token_susceptibilities.parquet")
     if cfg.perturbation.family == "tokens":
         rng = np.random.default_rng([cfg.seed, 3])
         rows = np.sort(np.concatenate([rng.choice(np.flatnonzero(token_probe == i),
@@ -125,19 +156,17 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     outputs.write_parquet(matrix, run_dir / "response_matrix.parquet")
     diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains)
     outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
-    roles, deltas = _head_roles(inputs, cfg)
-    outputs.write_parquet(roles, run_dir / "head_roles.parquet")
-    if deltas is not None:
-        ablation = outputs.per_token_table({k: keys[k] for k in ("probe", "context_id", "position")},
-                                           dict(zip(roles.column("component").to_pylist(), deltas)))
-        outputs.write_parquet(ablation, run_dir / "ablation.parquet")
+    _write_head_roles(inputs, cfg, keys, run_dir)
 
     summary = {
         "run_dir": str(run_dir), "units_total": report.total, "units_cached": report.cached,
         "units_computed": report.computed, "units_seconds": report.seconds, "wall_s": time.perf_counter() - start,
-        "llc_full": next(r["llc_run"] for r in diagnostics.to_pylist() if r["component"] == outputs.FULL),
+        "llc_full": next((r["llc_run"] for r in diagnostics.to_pylist() if r["component"] == outputs.FULL),
+                         float("nan")),
         "n_diverged": sum(r["diverged"] for r in diagnostics.to_pylist()),
         "max_rhat": float(np.nanmax(diagnostics["rhat"].to_numpy())),
+        "peak_rss_mib_units": report.peak_rss_mib, "peak_cuda_mib_units": report.peak_cuda_mib,
+        "peak_rss_mib_driver": peak_memory_mib("cpu"),
     }
     manifest = {"config": resolved or asdict(cfg), "code_version": _code_version(), "hashes": inputs.hashes,
                 "seed": cfg.seed, "units": [asdict(u) for u in units], "where": report.where,
@@ -148,8 +177,9 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
 
         path = write_report(run_dir, cfg.analysis)
         log.info("report: %s", path)
-    log.info("study done in %.1f s (%d units computed, %d cached): %s", summary["wall_s"], report.computed,
-             report.cached, run_dir)
+    log.info("study done in %.1f s (%d units computed, %d cached; peak RSS %.0f MiB in the driver, %.0f MiB in a "
+             "unit's process): %s", summary["wall_s"], report.computed, report.cached, summary["peak_rss_mib_driver"],
+             report.peak_rss_mib, run_dir)
     return summary
 
 

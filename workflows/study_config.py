@@ -19,15 +19,18 @@ FAMILIES = ("domains", "mixture", "tokens")
 class ModelSection:
     """Which trained model to study (conf/model/).
 
-    ``adapter: bundled`` is a checkpoint of this project's model; ``hf`` / ``tl`` models go through
-    ``susc_core.adapters`` (see examples/README.md) and need a corpus tokenised with their tokenizer.
+    ``adapter: bundled`` is a checkpoint of this project's model. ``hf`` is a Hugging Face model run
+    through ``susc_core.adapters``: ``checkpoint`` is its save_pretrained directory or .gguf file, or
+    ``gguf_package`` + ``gguf_file`` name a GGUF shipped in an installed package; the corpus documents
+    are then re-tokenised with the model's own tokenizer (``susc_core.retokenize``).
     """
 
-    checkpoint: str = "${asset:default_model.safetensors}"
+    checkpoint: str = "${asset:default_model.safetensors}"  # bundled: safetensors; hf: directory or .gguf
     device: str = "auto"  # auto: CUDA when present, else CPU
     adapter: str = "bundled"  # bundled | hf | tl
     gguf_package: str | None = None  # hf: package whose folder holds the GGUF (found, never imported)
-    gguf_file: str | None = None  # hf: GGUF file name inside that package
+    gguf_file: str | None = None  # hf: GGUF file name inside that package (or inside a checkpoint directory)
+    gguf_pip: str | None = None  # hf: pip requirement that installs gguf_package (named when it is missing)
     attn_implementation: str = "eager"  # hf: vmap has no batching rule for fused SDPA
     shared_kv: bool = True  # hf GQA: a head holds the k/v rows of its KV group
     loss_chunk_tokens: int = 256  # most token rows of the vocab logits held at once (256 is fastest on CPU)
@@ -73,6 +76,9 @@ class ComponentsSection:
     """Components to study (conf/components/); names or globs, e.g. L1H6, L0, L*H*, embed, unembed."""
 
     names: list[str] = field(default_factory=lambda: ["L*H*"])
+    # add the unrestricted run that centres the estimator (SCIENCE.md §2); without it χ̂ is the restricted
+    # covariance -Cov_C[g, a] (susc_core.estimators) and there is no ordinary LLC
+    include_full: bool = True
 
 
 @dataclass

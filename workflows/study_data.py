@@ -1,31 +1,48 @@
 """Load what a study needs from disk: the model, the SGLD pool, the fixed observable contexts and the
-probe contexts (with each probe token's identity and text for the outputs)."""
+probe contexts (with each probe token's identity and text for the outputs).
+
+The bundled model reads the built corpus (``train.parquet``, ``probes/``). An adapter model
+(``model.adapter: hf``) reads the same documents re-tokenised with its own tokenizer
+(``susc_core.retokenize``): baseline windows come from the train documents in the training mixture's
+domain shares, probe windows from the probe documents, as in the built corpus.
+"""
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 
-from susc_core.checkpoint import file_sha256, load_model
-from susc_core.corpus import load_context_table, load_documents
+from susc_core import retokenize
+from susc_core.adapters.load import AdapterSpec, load_adapter, load_tokenizer, package_file
+from susc_core.checkpoint import file_sha256, load_model, path_sha256
+from susc_core.components import valid_component_names
+from susc_core.corpus import context_table, concat_contexts, load_context_table, load_documents
 from susc_core.model import ModelConfig, Params
 from susc_core.seeds import choose_contexts
-from workflows.study_config import FAMILIES, StudyConfig
+from susc_core.tokenizer import encode_documents
+from workflows.study_config import FAMILIES, ModelSection, StudyConfig
 
 
 @dataclass
 class StudyInputs:
-    model_cfg: ModelConfig
-    w_star: Params
     train: torch.Tensor  # [sgld_contexts, L+1] minibatch pool
     obs: torch.Tensor  # [observable_contexts, L+1] fixed baseline contexts
     probe: torch.Tensor  # [P, L+1] every probe's contexts, probe by probe
     probe_rows: pa.Table  # one row per probe context: probe, domain, context_id, doc_id, char spans
-    hashes: dict[str, str]  # model, corpus manifest
+    hashes: dict[str, str]  # model, corpus manifest (adapters: also the re-tokenised contexts)
+    component_names: list[str]  # every concrete component name of the model, canonical order
+    n_layers: int
+    model_cfg: ModelConfig | None = None  # bundled model only
+    w_star: Params | None = None  # bundled model only
+    adapter: AdapterSpec | None = None  # adapter models: what a worker loads (``load_adapter``)
 
 
 def _tokens(table: pa.Table, width: int) -> torch.Tensor:
@@ -33,6 +50,11 @@ def _tokens(table: pa.Table, width: int) -> torch.Tensor:
     full = len(table.column("tokens")[0])
     flat = table.column("tokens").combine_chunks().flatten().to_numpy()
     return torch.from_numpy(flat.astype(np.int64).reshape(len(table), full)[:, :width].copy())
+
+
+def _probe_rows(table: pa.Table, probe: str) -> pa.Table:
+    """A context table's rows without token ids, tagged with their probe."""
+    return table.drop_columns(["tokens"]).append_column("probe", pa.array([probe] * len(table)))
 
 
 def _probe_allocation(cfg: StudyConfig) -> list[tuple[str, str, int]]:
@@ -49,14 +71,30 @@ def _probe_allocation(cfg: StudyConfig) -> list[tuple[str, str, int]]:
         weights = np.asarray(spec.weights or [1.0] * len(spec.domains), dtype=float)
         if len(weights) != len(spec.domains) or (weights < 0).any() or weights.sum() <= 0:
             raise ValueError(f"probe {spec.name!r}: weights {spec.weights} must be non-negative, one per domain")
-        counts = np.floor(weights / weights.sum() * pert.contexts_per_probe + 1e-9).astype(int)
-        counts[np.argmax(weights)] += pert.contexts_per_probe - counts.sum()
+        counts = retokenize.allocate(weights, pert.contexts_per_probe)
         out += [(spec.name, domain, int(n)) for domain, n in zip(spec.domains, counts) if n > 0]
     return out
 
 
+def _check_domain(probe: str, domain: str, available: list[str], corpus: Path) -> None:
+    if domain not in available:
+        raise ValueError(f"probe {probe!r} names domain {domain!r}, which the corpus at {corpus} does not "
+                         f"have; available domains: {available}")
+
+
+def _corpus_hash(corpus: Path) -> str:
+    manifest = corpus / "manifest.json"
+    return file_sha256(manifest) if manifest.exists() else "missing"
+
+
 def load_inputs(cfg: StudyConfig) -> StudyInputs:
-    """Read the checkpoint and the corpus slices that the study config names."""
+    """Read the model and the corpus slices that the study config names."""
+    if cfg.model.adapter == "bundled":
+        return _bundled_inputs(cfg)
+    return _adapter_inputs(cfg)
+
+
+def _bundled_inputs(cfg: StudyConfig) -> StudyInputs:
     model_cfg, w_star = load_model(cfg.model.checkpoint)
     model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # speed only, not results
     corpus = Path(cfg.data.corpus_dir)
@@ -70,20 +108,67 @@ def load_inputs(cfg: StudyConfig) -> StudyInputs:
     available = sorted(p.stem for p in (corpus / "probes").glob("*.parquet"))
     pieces, rows = [], []
     for probe, domain, count in _probe_allocation(cfg):
-        if domain not in available:
-            raise ValueError(f"probe {probe!r} names domain {domain!r}, which the corpus at {corpus} does not "
-                             f"have; available domains: {available}")
+        _check_domain(probe, domain, available, corpus)
         table = load_context_table(corpus / "probes" / f"{domain}.parquet")
         picked = choose_contexts(cfg.seed, len(table), min(count, len(table)), f"probe:{probe}:{domain}")
         table = table.take(pa.array(picked))
         pieces.append(_tokens(table, width))
-        rows.append(table.drop_columns(["tokens"]).append_column("probe", pa.array([probe] * len(table))))
-    manifest = corpus / "manifest.json"
+        rows.append(_probe_rows(table, probe))
     return StudyInputs(
-        model_cfg=model_cfg, w_star=w_star, train=train_all[pool], obs=train_all[obs],
-        probe=torch.cat(pieces), probe_rows=pa.concat_tables(rows),
-        hashes={"model": file_sha256(cfg.model.checkpoint),
-                "corpus_manifest": file_sha256(manifest) if manifest.exists() else "missing"})
+        train=train_all[pool], obs=train_all[obs], probe=torch.cat(pieces), probe_rows=pa.concat_tables(rows),
+        hashes={"model": file_sha256(cfg.model.checkpoint), "corpus_manifest": _corpus_hash(corpus)},
+        component_names=valid_component_names(model_cfg), n_layers=model_cfg.n_layers,
+        model_cfg=model_cfg, w_star=w_star)
+
+
+def adapter_spec(model: ModelSection) -> AdapterSpec:
+    """The loadable description of an adapter model: ``checkpoint`` (a directory or .gguf file), or the
+    GGUF ``gguf_file`` inside installed package ``gguf_package``."""
+    if model.gguf_package:
+        path = package_file(model.gguf_package, model.gguf_file or "", model.gguf_pip or model.gguf_package)
+        return AdapterSpec(model.adapter, str(path), None, model.loss_chunk_tokens, model.shared_kv,
+                           model.attn_implementation)
+    return AdapterSpec(model.adapter, model.checkpoint, model.gguf_file, model.loss_chunk_tokens, model.shared_kv,
+                       model.attn_implementation)
+
+
+def _model_file(spec: AdapterSpec) -> Path:
+    return Path(spec.path) / spec.gguf_file if spec.gguf_file else Path(spec.path)
+
+
+def _adapter_inputs(cfg: StudyConfig) -> StudyInputs:
+    spec = adapter_spec(cfg.model)
+    adapter = load_adapter(spec)  # cached: an in-process study's units reuse it
+    encode = partial(encode_documents, load_tokenizer(spec))
+    n_ctx = cfg.data.seq_len or adapter.n_ctx
+    corpus = Path(cfg.data.corpus_dir)
+    documents = load_context_table(corpus / "documents.parquet")
+    train_docs, probe_docs = (retokenize.documents_by_domain(documents, s) for s in ("train", "probe"))
+
+    # baseline: windows of the training documents in the training mixture's domain shares
+    shares = Counter(pq.read_table(corpus / "train.parquet", columns=["domain"]).column("domain").to_pylist())
+    domains = sorted(shares)
+    n_base = cfg.data.sgld_contexts + cfg.data.observable_contexts
+    counts = retokenize.allocate([shares[d] for d in domains], n_base)
+    baseline = concat_contexts([retokenize.windows(train_docs[d], encode, n_ctx, int(k), cfg.seed, f"baseline:{d}")
+                                for d, k in zip(domains, counts) if k > 0])
+    base = torch.from_numpy(baseline.tokens.astype(np.int64))
+    obs = choose_contexts(cfg.seed, n_base, cfg.data.observable_contexts, "baseline_observables")
+    pool = np.setdiff1d(np.arange(n_base), obs)  # disjoint from the observable contexts
+
+    parts, rows = [], []
+    for probe, domain, count in _probe_allocation(cfg):
+        _check_domain(probe, domain, sorted(probe_docs), corpus)
+        part = retokenize.windows(probe_docs[domain], encode, n_ctx, count, cfg.seed, f"probe:{probe}:{domain}")
+        # context_id: the context's row among the study's probe contexts (re-tokenised windows have no corpus id)
+        rows.append(_probe_rows(context_table(part, [domain] * count, sum(map(len, rows)), {}), probe))
+        parts.append(part)
+    probe = torch.from_numpy(concat_contexts(parts).tokens.astype(np.int64))
+    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (base, probe))).hexdigest()
+    return StudyInputs(
+        train=base[pool], obs=base[obs], probe=probe, probe_rows=pa.concat_tables(rows),
+        hashes={"model": path_sha256(_model_file(spec)), "corpus_manifest": _corpus_hash(corpus), "contexts": digest},
+        component_names=adapter.component_names(), n_layers=adapter.n_layers, adapter=spec)
 
 
 def token_texts(corpus_dir: str | Path, probe_rows: pa.Table, width: int) -> list[list[str]]:

@@ -154,7 +154,11 @@ def train(cfg: TrainAppConfig) -> dict:
         done = step + 1
         if done % cfg.eval_every == 0 or done == steps:
             losses = domain_losses(model.params(), cfg.arch, evals)
-            log.info("step %d/%d loss %.3f | %s", done, steps, loss, " ".join(f"{k} {v:.3f}" for k, v in losses.items()))
+            roles = repeat_test_scores({k: v.detach().cpu() for k, v in model.params().items()}, cfg.arch, np.random.default_rng([cfg.seed, 1]),
+                                       cfg.head_scores.n_seqs, cfg.head_scores.half_len)
+            log.info("step %d/%d loss %.3f | %s | best induction %.2f previous-token %.2f", done, steps, loss,
+                     " ".join(f"{k} {v:.3f}" for k, v in losses.items()), roles["induction"].max(),
+                     roles["previous_token"].max())
         if done % cfg.checkpoint_every == 0 or done == steps:
             save_model(weights_path, cfg.arch, model.params())
             save_training_state(state_path, {

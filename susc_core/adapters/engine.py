@@ -46,10 +46,12 @@ class AdapterGroup:
     def _loss(self, w: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.adapter.per_token_loss(scatter(self.base, self.index, w), tokens)
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
         if cache.shape[0] == 1:
-            return vmap(self._loss, in_dims=(0, None))(w, cache[0])
-        return vmap(self._loss)(w, cache[rows])
+            out = vmap(self._loss, in_dims=(0, None))(w, cache[0])
+        else:
+            out = vmap(self._loss)(w, cache[rows])
+        return out.mean(dim=(1, 2)) if mean else out
 
 
 @torch.no_grad()

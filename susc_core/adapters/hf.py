@@ -23,6 +23,7 @@ Models load from a local directory or a local GGUF file only (``HF_HUB_OFFLINE=1
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -100,6 +101,32 @@ class HFAdapter(ModuleAdapter):
         return x, self.lm_head.weight, self.lm_head.bias
 
 
+INSTALL_HINT = "pip install -e '.[hf]'"  # transformers and gguf, pinned in pyproject.toml
+
+
+def _transformers():
+    """The ``transformers`` module, or an error that says how to install the ``[hf]`` extra."""
+    try:
+        import transformers
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"Hugging Face models need transformers: {INSTALL_HINT}") from err
+    return transformers
+
+
+def _local(path: str | Path, gguf_file: str | None) -> tuple[Path, str | None]:
+    """(directory, GGUF file name or None) of a locally stored model; hub downloads are switched off."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        path, gguf_file = path.parent, path.name
+    if not path.is_dir() or (gguf_file is not None and not (path / gguf_file).is_file()):
+        raise FileNotFoundError(f"no local model at {path / (gguf_file or '')}: give a save_pretrained directory "
+                                f"or a .gguf file (hub downloads are disabled)")
+    if gguf_file is not None and importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError(f"GGUF models need the gguf package: {INSTALL_HINT}")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    return path, gguf_file
+
+
 def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype = torch.float32,
             loss_chunk_tokens: int = 2048, shared_kv: bool = True, attn_implementation: str = "eager") -> HFAdapter:
     """An ``HFAdapter`` for a model stored locally: a ``save_pretrained`` directory, or a GGUF file
@@ -110,15 +137,22 @@ def load_hf(path: str | Path, gguf_file: str | None = None, dtype: torch.dtype =
     ``vmap`` has no batching rule for the fused SDPA kernels and falls back to a slow per-chain loop
     (measured on SmolLM2-135M, CPU, 2 chains x 4 x 32 tokens: 3.6 s eager vs 19 s sdpa per gradient pass).
     """
-    from transformers import AutoModelForCausalLM
-
-    path = Path(path)
-    if path.suffix == ".gguf":
-        path, gguf_file = path.parent, path.name
-    if not path.is_dir() or (gguf_file is not None and not (path / gguf_file).is_file()):
-        raise FileNotFoundError(f"no local model at {path / (gguf_file or '')}: give a save_pretrained directory "
-                                f"or a .gguf file (hub downloads are disabled)")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=gguf_file, dtype=dtype, local_files_only=True,
-                                                 attn_implementation=attn_implementation)
+    transformers = _transformers()
+    path, gguf_file = _local(path, gguf_file)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        path, gguf_file=gguf_file, dtype=dtype, local_files_only=True, attn_implementation=attn_implementation)
     return HFAdapter(model, loss_chunk_tokens, shared_kv)
+
+
+def load_hf_tokenizer(path: str | Path, gguf_file: str | None = None):
+    """The ``tokenizers.Tokenizer`` stored with a local model (same ``path`` / ``gguf_file`` as ``load_hf``).
+
+    Only fast tokenizers qualify: they give each token's character span (``tokenizer.encode_documents``).
+    """
+    transformers = _transformers()
+    path, gguf_file = _local(path, gguf_file)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path, gguf_file=gguf_file, local_files_only=True)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError(f"the tokenizer of {path} is not a fast (tokenizers) tokenizer; character spans "
+                         f"of tokens need one")
+    return tokenizer.backend_tokenizer

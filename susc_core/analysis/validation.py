@@ -155,7 +155,7 @@ def pc2_separation(pcas: Mapping[str, PCAResult], head_roles: pa.Table | None,
 
 def diagnostic_flags(diagnostics: pa.Table, rules: ValidationRules) -> dict[str, np.ndarray]:
     """Per (component, chain) row of diagnostics.parquet: [n_rows] bool arrays "diverged",
-    "rhat" (above max_rhat; NaN, i.e. fewer than two kept chains, is not flagged), "ess" (below
+    "rhat" (above max_rhat; NaN, i.e. fewer than two kept chains or 4 draws, is not flagged), "ess" (below
     min_ess or NaN) and "any"."""
     rhat = diagnostics.column("rhat").to_numpy(zero_copy_only=False)
     ess = diagnostics.column("ess").to_numpy(zero_copy_only=False)
@@ -172,6 +172,6 @@ def sampler_diagnostics(diagnostics: pa.Table, rules: ValidationRules) -> Check:
     summary = (f"{int(bad.sum())} of {len(bad)} (component, chain) flagged: "
                f"{int(flags['diverged'].sum())} diverged, {int(flags['rhat'].sum())} with R-hat > "
                f"{rules.max_rhat}, {int(flags['ess'].sum())} with ESS < {rules.min_ess} or undefined; "
-               f"R-hat undefined (fewer than two kept chains) for "
+               f"R-hat undefined (fewer than two kept chains or 4 draws) for "
                f"{int(np.isnan(diagnostics.column('rhat').to_numpy(zero_copy_only=False)).sum())}")
     return Check("sampler diagnostics", "flag" if bad.any() else "pass", summary, rows)

