@@ -78,18 +78,28 @@ def unit_flops(cfg, sampler, seq, n_obs_tokens):
 def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
     """Matmul FLOPs the batched engine executes per unit, averaged over the components (heads of
     ``head_layers`` + full): a head recomputes only itself (q, k, v, z·W_O and z*·W_O*), the blocks after
-    its layer and the unembedding. A step is forward + backward (2x), except that a head's unembedding
-    needs no weight gradient (its input gradient is formed in the forward: 2x, not 3x) while the full
-    run's recomputes the logits in the backward (4x). Shared upstream activations (once per step for all
-    chains) are not counted."""
+    its layer and the unembedding. A step is forward + backward (2x), except that the unembedding's
+    gradients are formed in its forward (``fused_nll``): a head's needs the input gradient only (2x), the
+    full run's also the weight gradient (3x). A last-block head of an attention-only model takes its
+    logits through the rank-2·d_head change (``lowrank``): forward, input and basis gradients (3x) of a
+    [2·d_head, d_vocab] product, plus the shared d_model-wide product at w* once per token for all the
+    chains of its layer. Shared upstream activations (once per step for all chains) are not counted."""
     h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
     layer = 2 * 4 * d * h * e + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
     head = 2 * 3 * d * e + 2 * 2 * seq * e + 2 * 2 * e * d
     unembed = 2 * d * v
     step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
-    heads = [(3 * (head + (cfg.n_layers - 1 - l) * layer) + 2 * unembed) * step_tokens
-             + (head + (cfg.n_layers - 1 - l) * layer + unembed) * n_obs_tokens for l in head_layers]
-    full = (3 * cfg.n_layers * layer + 4 * unembed) * step_tokens + (cfg.n_layers * layer + unembed) * n_obs_tokens
+
+    def logits(l: int, grad: bool) -> float:
+        """Unembedding FLOPs per token and chain of a head in layer l (grad: an SGLD step, else an observable)."""
+        if l == cfg.n_layers - 1 and not cfg.d_mlp:
+            shared = unembed / (head_layers.count(l) * sampler.n_chains)
+            return (3 if grad else 1) * 2 * (2 * e) * v + shared
+        return (2 if grad else 1) * unembed
+
+    heads = [(3 * (head + (cfg.n_layers - 1 - l) * layer) + logits(l, True)) * step_tokens
+             + (head + (cfg.n_layers - 1 - l) * layer + logits(l, False)) * n_obs_tokens for l in head_layers]
+    full = (3 * cfg.n_layers * layer + 3 * unembed) * step_tokens + (cfg.n_layers * layer + unembed) * n_obs_tokens
     return (sum(heads) + full) / (len(heads) + 1)
 
 

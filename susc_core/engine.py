@@ -34,8 +34,7 @@ MODES = ("batched", "reference")
 def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
     """[(group, [(component name, chain)])]: one HeadGroup per layer with selected heads, one CachedGroup
     per other component; members in (component, chain) order. Last-block heads use the low-rank logit
-    change except on a CPU (see ``HeadGroup``)."""
-    lowrank = params["embed.W_E"].device.type != "cpu"
+    change (see ``HeadGroup``)."""
     heads_by_layer: dict[int, list[str]] = defaultdict(list)
     plan = []
     for name in names:
@@ -46,7 +45,7 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
     for layer, heads in sorted(heads_by_layer.items()):
         members = [(name, c) for name in heads for c in chains]
         comps = [component(cfg, name) for name, _ in members]
-        plan.insert(0, (HeadGroup(params, cfg, layer, comps[0], [comp.head for comp in comps], lowrank),
+        plan.insert(0, (HeadGroup(params, cfg, layer, comps[0], [comp.head for comp in comps]),
                         members))
     return plan
 

@@ -81,13 +81,13 @@ class FusedNLL(torch.autograd.Function):
                 if need_beta:
                     grad_beta[i] += dlogits.sum(dim=0)
                 if need_scale:
-                    jac_scale[i, c] = torch.einsum("cv,cv->c", dlogits, pre)
+                    jac_scale[i, c] = pre.mul_(dlogits).sum(dim=1)  # pre is not needed again
                 if scale_c is not None:
                     dlogits.mul_(scale_c[i, :, None])
                 if need_x:
                     jac_x[i, c] = dlogits @ w_i.T
                 if need_w:
-                    grad_w[i].addmm_(x[i, c].T, dlogits)
+                    grad_w[i] += x[i, c].T @ dlogits  # out of place: autocast may hand bf16 here
         if mean:
             nll = nll.mean(dim=1)
             for t in (jac_x, jac_scale, grad_w, grad_beta):

@@ -124,18 +124,23 @@ def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, 
     """Causal multi-head attention of one layer.
 
     x_qk: [batch, pos, d_model] query/key input, x_v: [batch, pos, d_model] value input (see
-    :func:`attention_inputs`). Returns the layer's output [batch, pos, d_model].
+    :func:`attention_inputs`). Returns the layer's output [batch, pos, d_model]. The pattern is formed
+    explicitly only when a ``hook_pattern`` hook asks for it; otherwise the fused causal kernel
+    (``scaled_dot_product_attention``) computes the same z.
     """
     p = f"blocks.{layer}.attn"
-    q = torch.einsum("bpd,hde->bphe", x_qk, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"]
-    k = torch.einsum("bpd,hde->bphe", x_qk, params[f"{p}.W_K"]) + params[f"{p}.b_K"]
-    v = torch.einsum("bpd,hde->bphe", x_v, params[f"{p}.W_V"]) + params[f"{p}.b_V"]
-    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) / math.sqrt(cfg.d_head)
-    n = x_v.shape[-2]
-    causal = torch.ones(n, n, dtype=torch.bool, device=x_v.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf"))
-    pattern = _hook(hooks, f"{p}.hook_pattern", scores.softmax(dim=-1))
-    z = _hook(hooks, f"{p}.hook_z", torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+    q = torch.einsum("bpd,hde->bhpe", x_qk, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"][:, None]
+    k = torch.einsum("bpd,hde->bhpe", x_qk, params[f"{p}.W_K"]) + params[f"{p}.b_K"][:, None]
+    v = torch.einsum("bpd,hde->bhpe", x_v, params[f"{p}.W_V"]) + params[f"{p}.b_V"][:, None]
+    if hooks and f"{p}.hook_pattern" in hooks:
+        scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
+        n = x_v.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=x_v.device).tril()
+        pattern = hooks[f"{p}.hook_pattern"](scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
+        z = pattern @ v
+    else:
+        z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    z = _hook(hooks, f"{p}.hook_z", z.transpose(1, 2))  # [batch, pos, head, d_head]
     return torch.einsum("bqhe,hed->bqd", z, params[f"{p}.W_O"]) + params[f"{p}.b_O"]
 
 

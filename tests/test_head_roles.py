@@ -1,9 +1,13 @@
-"""Head-role scores on hand-built attention patterns, and zero-ablation deltas."""
+"""Head-role scores on hand-built attention patterns, zero-ablation deltas, and the shipped model's heads."""
 
+from pathlib import Path
+
+import numpy as np
 import torch
 
+from susc_core.checkpoint import load_model
 from susc_core.head_roles import (ablation_loss_deltas, current_token_score, induction_score,
-                                  previous_token_score)
+                                  previous_token_score, repeat_test_scores)
 from susc_core.model import ModelConfig, init_params, per_token_loss
 
 
@@ -53,3 +57,13 @@ def test_ablation_deltas_zero_for_a_head_with_no_output():
     params_zeroed["blocks.0.attn.W_O"][0] = 0.0
     expected = per_token_loss(params_zeroed, cfg, tokens) - per_token_loss(params, cfg, tokens)
     torch.testing.assert_close(deltas[0], expected)
+
+
+def test_bundled_checkpoint_has_induction_and_previous_token_heads():
+    """The shipped default model holds real circuitry on fresh repeated random sequences (issue 3)."""
+    cfg, params = load_model(Path(__file__).parents[1] / "susc_core" / "assets" / "default_model.safetensors")
+    scores = repeat_test_scores(params, cfg, np.random.default_rng(123), n_seqs=16, half_len=50)
+    by_layer = {k: v.reshape(cfg.n_layers, cfg.n_heads) for k, v in scores.items()}
+    assert by_layer["induction"][1].max() >= 0.4
+    assert by_layer["previous_token"][0].max() >= 0.4
+    assert by_layer["induction"][0].max() < 0.1  # layer 0 cannot do induction: no earlier layer to compose with
