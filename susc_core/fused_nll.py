@@ -28,11 +28,9 @@ from __future__ import annotations
 import torch
 
 
-def _chunk_pre(base_c, x_c, w, i, g):
+def _chunk_pre(base_c, x_c, w_i, i, g):
     """Pre-scale logits [c, V] of chain i on one chunk (base_c: [G, c, V] products, or None)."""
-    if base_c is None:
-        return x_c[i] @ w[0 if len(w) == 1 else i]
-    return torch.addmm(base_c[g], x_c[i], w[0 if len(w) == 1 else i])
+    return x_c[i] @ w_i if base_c is None else torch.addmm(base_c[g], x_c[i], w_i)
 
 
 def _logits(pre, scale_c, beta, i, keep_pre):
@@ -69,7 +67,7 @@ class FusedNLL(torch.autograd.Function):
             for i in range(k):
                 g = 0 if len(targets) == 1 else i
                 w_i = w[0 if len(w) == 1 else i]
-                pre = _chunk_pre(base_c, x[:, c], w, i, g)
+                pre = _chunk_pre(base_c, x[:, c], w_i, i, g)
                 logits = _logits(pre, scale_c, beta, i, keep_pre=need_scale)
                 picked = logits.gather(1, targets[g, c, None]).squeeze(1)
                 top = logits.amax(dim=1)

@@ -21,6 +21,8 @@ class BundledAdapter:
             raise ValueError(f"w_star does not match cfg; differing parameter names: {sorted(missing)}")
         self.w_star, self.cfg = w_star, cfg
         self.d_vocab, self.n_ctx, self.loss_chunk_tokens = cfg.d_vocab, cfg.n_ctx, cfg.loss_chunk_tokens
+        # an explicit attention pattern: vmap (run_adapter_unit) has no batching rule for the fused kernel
+        self.explicit_attention = {f"blocks.{l}.attn.hook_pattern": lambda p: p for l in range(cfg.n_layers)}
 
     def params(self) -> Params:
         """fp32 detached copies of every parameter, in ``param_shapes`` order."""
@@ -28,7 +30,7 @@ class BundledAdapter:
 
     def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> [batch, seq-1] nats (the model's loss, through ``chunked_nll``)."""
-        x = M.final_norm(params, self.cfg, tokens[:, :-1])
+        x = M.final_norm(params, self.cfg, tokens[:, :-1], self.explicit_attention)
         return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], self.loss_chunk_tokens)
 
     def component_names(self) -> list[str]:
