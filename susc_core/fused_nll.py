@@ -9,8 +9,9 @@ unembedding is ``x = ln_final output, w = W_U, beta = b_U``; the low-rank path o
 ``base = residual at w*, w_base = Wc, x = [z, z*], w = [W_O Wc; -W_O* Wc], scale = inv_sigma``.
 
 Logits exist only for ``chunk_tokens`` rows at a time (a block that stays in cache) and are never
-recomputed: while a chunk is hot the forward also forms ``softmax - onehot`` in place and contracts it
-into every gradient the caller needs, so the backward is a few multiplies and no autograd graph is built
+recomputed: while a chunk is hot the forward also contracts ``softmax - onehot`` into every gradient
+the caller needs (the softmax normalisation, the scale and the one-hot part applied to the small
+results, so the [tokens, d_vocab] block sees no extra pass), so the backward is a few multiplies and no autograd graph is built
 over the vocabulary. Two outputs:
 
 - per-token NLL ``[k, n]``: differentiable in ``x`` and ``scale`` (per-token Jacobians, exact for any
@@ -40,11 +41,6 @@ def _logits(pre, scale_c, beta, i, keep_pre):
     return torch.addcmul(beta, pre, scale_c[i, :, None]) if keep_pre else pre.mul_(scale_c[i, :, None]).add_(beta)
 
 
-def _softmax_minus_onehot(probs, targets_c):
-    """d nll / d logits [c, V] in place: probs minus the one-hot of targets_c [c]."""
-    return probs.scatter_add_(1, targets_c[:, None], probs.new_full((len(targets_c), 1), -1.0))
-
-
 class FusedNLL(torch.autograd.Function):
     """See the module docstring; call through ``fused_nll``."""
 
@@ -66,26 +62,35 @@ class FusedNLL(torch.autograd.Function):
             scale_c = None if scale is None else scale[:, c]
             for i in range(k):
                 g = 0 if len(targets) == 1 else i
-                w_i = w[0 if len(w) == 1 else i]
+                w_i, t_c = w[0 if len(w) == 1 else i], targets[g, c]
                 pre = _chunk_pre(base_c, x[:, c], w_i, i, g)
                 logits = _logits(pre, scale_c, beta, i, keep_pre=need_scale)
-                picked = logits.gather(1, targets[g, c, None]).squeeze(1)
+                picked = logits.gather(1, t_c[:, None]).squeeze(1)
                 top = logits.amax(dim=1)
-                total = logits.sub_(top[:, None]).exp_().sum(dim=1)
+                expo = logits.sub_(top[:, None]).exp_()  # E = exp(logits - top), in place
+                total = expo.sum(dim=1)
                 nll[i, c] = total.log().add_(top).sub_(picked)
                 if not (need_x or need_w or need_beta or need_scale):
                     continue
-                dlogits = _softmax_minus_onehot(logits.div_(total[:, None]), targets[g, c])
+                # d nll / d logits = diag(1/total) E - onehot(t); d / d pre adds the row scale s. The row
+                # factors and the one-hot part are applied to the small [c, r] / [r, V] results, never
+                # as passes over the [c, V] block.
+                inv_total = total.reciprocal()
+                row = inv_total if scale_c is None else inv_total * scale_c[i]  # rows of E in d / d pre
+                hot = None if scale_c is None else scale_c[i]  # rows of the one-hot part in d / d pre
                 if need_beta:
-                    grad_beta[i] += dlogits.sum(dim=0)
+                    grad_beta[i] += inv_total @ expo
+                    grad_beta[i].index_add_(0, t_c, grad_beta.new_full((len(t_c),), -1.0))
                 if need_scale:
-                    jac_scale[i, c] = pre.mul_(dlogits).sum(dim=1)  # pre is not needed again
-                if scale_c is not None:
-                    dlogits.mul_(scale_c[i, :, None])
+                    pre_t = pre.gather(1, t_c[:, None]).squeeze(1)
+                    jac_scale[i, c] = pre.mul_(expo).sum(dim=1).mul_(inv_total).sub_(pre_t)  # pre not needed again
                 if need_x:
-                    jac_x[i, c] = dlogits @ w_i.T
+                    onehot_x = w_i[:, t_c].T if hot is None else w_i[:, t_c].T * hot[:, None]
+                    jac_x[i, c] = (expo @ w_i.T).mul_(row[:, None]).sub_(onehot_x)
                 if need_w:
-                    grad_w[i] += x[i, c].T @ dlogits  # out of place: autocast may hand bf16 here
+                    x_c = x[i, c]
+                    grad_w[i] += (x_c * row[:, None]).T @ expo  # out of place: autocast may hand bf16 here
+                    grad_w[i].index_add_(1, t_c, -(x_c if hot is None else x_c * hot[:, None]).T.to(grad_w.dtype))
         if mean:
             nll = nll.mean(dim=1)
             for t in (jac_x, jac_scale, grad_w, grad_beta):
