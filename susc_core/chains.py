@@ -4,8 +4,9 @@ A *group* computes per-token losses for a stack of chains of components; it has 
 ``prepare(tokens [G, B, S+1]) -> cache`` (everything that depends only on w* and the tokens,
 computed once and shared by all chains; G = 1 for shared tokens, or one row per chain) and
 ``losses(w [k, dim], rows: slice, cache, mean=False) -> [k, B, S]`` (nats; ``rows`` selects the chains
-of this pass; ``mean=True`` returns each chain's mean loss [k], the SGLD step's objective). ``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the
-device, divergence and statistics are accumulated there.
+of this pass; ``mean=True`` returns each chain's mean loss [k], the SGLD step's objective).
+``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the device,
+divergence and statistics are accumulated there.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ unembedding is ``x = ln_final output, w = W_U, beta = b_U``; the low-rank path o
 
 Logits exist only for ``chunk_tokens`` rows at a time (a block that stays in cache) and are never
 recomputed: while a chunk is hot the forward also contracts ``softmax - onehot`` into every gradient
-the caller needs (the softmax normalisation, the scale and the one-hot part applied to the small
-results, so the [tokens, d_vocab] block sees no extra pass), so the backward is a few multiplies and no autograd graph is built
-over the vocabulary. Two outputs:
+the caller needs (the softmax normalisation, the scale and the one-hot part are applied to the small
+results, so the [tokens, d_vocab] block sees no extra pass); the backward is a few multiplies and no
+autograd graph is built over the vocabulary. Two outputs:
 
 - per-token NLL ``[k, n]``: differentiable in ``x`` and ``scale`` (per-token Jacobians, exact for any
   upstream gradient); used for observables and wherever only activations move.

@@ -154,7 +154,8 @@ def train(cfg: TrainAppConfig) -> dict:
         done = step + 1
         if done % cfg.eval_every == 0 or done == steps:
             losses = domain_losses(model.params(), cfg.arch, evals)
-            roles = repeat_test_scores({k: v.detach().cpu() for k, v in model.params().items()}, cfg.arch, np.random.default_rng([cfg.seed, 1]),
+            cpu_params = {k: v.detach().cpu() for k, v in model.params().items()}
+            roles = repeat_test_scores(cpu_params, cfg.arch, np.random.default_rng([cfg.seed, 1]),
                                        cfg.head_scores.n_seqs, cfg.head_scores.half_len)
             log.info("step %d/%d loss %.3f | %s | best induction %.2f previous-token %.2f", done, steps, loss,
                      " ".join(f"{k} {v:.3f}" for k, v in losses.items()), roles["induction"].max(),
