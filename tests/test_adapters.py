@@ -238,3 +238,38 @@ def test_tl_adapter():
     for p in ("W_Q", "W_K", "b_Q", "b_K"):
         assert torch.all(grad[f"blocks.1.attn.{p}"] == 0), p
     assert grad["blocks.1.attn.W_O"].abs().sum() > 0
+
+
+LLAMA_LIKE_FAMILIES = {  # family -> (config, model, q/k/v biases)
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", True),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", False),
+    "mistral": ("MistralConfig", "MistralForCausalLM", False),
+}
+
+
+@pytest.mark.parametrize("family", sorted(LLAMA_LIKE_FAMILIES))
+def test_other_gqa_families(family):
+    """Qwen2 (q/k/v biases), Qwen3 (per-head q/k norms, shared by the heads) and Mistral: the head mask
+    holds exactly its q rows, o columns and its KV group's k/v rows (and biases); the loss is the
+    model's own; a head whose output slice is zeroed gets no query gradient."""
+    from susc_core.adapters.hf import HFAdapter
+    config_name, model_name, bias = LLAMA_LIKE_FAMILIES[family]
+    torch.manual_seed(0)
+    cfg = getattr(transformers, config_name)(num_hidden_layers=2, hidden_size=D_MODEL, num_attention_heads=N_HEADS,
+                                             num_key_value_heads=N_KV, head_dim=D_HEAD, intermediate_size=24,
+                                             vocab_size=VOCAB, max_position_embeddings=N_CTX,
+                                             attn_implementation="eager")
+    adapter = HFAdapter(getattr(transformers, model_name)(cfg), loss_chunk_tokens=7)
+    per_proj = D_HEAD * D_MODEL + (D_HEAD if bias else 0)
+    assert _count(adapter, "L1H3") == 3 * per_proj + D_HEAD * D_MODEL  # q, k, v rows (+ biases), o columns
+    if family == "qwen3":  # per-head norms are shared by every head: the layer's, not a head's
+        norms = {p for p in adapter.params() if "q_norm" in p or "k_norm" in p}
+        assert norms and not norms & set(adapter.component_mask("L1H3"))
+    tokens = _tokens()
+    with torch.no_grad():
+        out = adapter.module(tokens)
+    own = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1), reduction="none")
+    torch.testing.assert_close(adapter.per_token_loss(adapter.params(), tokens).reshape(-1), own)
+    grad = _restricted_grad(adapter, _zero_output(adapter, adapter.params(), 1, [0]), "L1H0", tokens)
+    assert torch.all(grad["model.layers.1.self_attn.q_proj.weight"] == 0)
+    assert grad["model.layers.1.self_attn.o_proj.weight"].abs().sum() > 0
