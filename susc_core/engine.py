@@ -29,6 +29,9 @@ from .sgld import SamplerConfig
 from .stats import ChainStats
 
 MODES = ("batched", "reference")
+# bump when a change alters the statistics a unit returns (beyond float tolerance): studies key their
+# cached units on it, so units computed by older code are never mixed with new ones
+NUMERICS_VERSION = 2
 
 
 def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):

@@ -8,7 +8,7 @@ where a_t = A_t - A*_t; the w* shift cancels exactly, so this is the formula of 
 Without a full run (a study with ``components.include_full=false``, for models whose unrestricted
 run is too costly) the component's own chains are passed as ``full``: χ̂ = -Cov_C[g, a_t], the
 covariance under the weight-restricted posterior. That is a different estimator (it drops the
-term mean_C[g]·(mean_C[a_t] - mean_full[a_t])); compare it only with itself.
+term mean_C[g]·(mean_full[a_t] - mean_C[a_t]) that the full run adds); compare it only with itself.
 Standard errors are across chains: the spread of the per-chain estimates / sqrt(chains).
 """
 

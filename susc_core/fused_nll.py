@@ -51,11 +51,12 @@ class FusedNLL(torch.autograd.Function):
         if (need_w or need_beta) and not mean:
             raise ValueError("fused_nll: per-token losses are differentiable in x and scale only; "
                              "pass mean=True to differentiate w or beta")
-        nll = x.new_empty(k, n)
+        acc = torch.promote_types(x.dtype, torch.float32)  # losses and sums stay >= fp32 under bf16 autocast
+        nll = x.new_empty(k, n, dtype=acc)
         jac_x = torch.empty_like(x) if need_x else None  # d out / d x, formed while the chunk is hot
         jac_scale = torch.empty_like(scale) if need_scale else None
-        grad_w = x.new_zeros(k, *w.shape[1:]) if need_w else None  # per chain, reduced in the backward
-        grad_beta = x.new_zeros(k, beta.shape[0]) if need_beta else None
+        grad_w = x.new_zeros(k, *w.shape[1:], dtype=acc) if need_w else None  # per chain, reduced in the backward
+        grad_beta = x.new_zeros(k, beta.shape[0], dtype=acc) if need_beta else None
         for s in range(0, n, chunk_tokens):
             c = slice(s, min(s + chunk_tokens, n))
             base_c = None if base is None else base[:, c] @ w_base
@@ -96,7 +97,7 @@ class FusedNLL(torch.autograd.Function):
             for t in (jac_x, jac_scale, grad_w, grad_beta):
                 if t is not None:
                     t.div_(n)
-        ctx.mean, ctx.w_shared = mean, len(w) == 1
+        ctx.mean, ctx.w_shared, ctx.w_dtype, ctx.beta_dtype = mean, len(w) == 1, w.dtype, beta.dtype
         ctx.save_for_backward(jac_x, jac_scale, grad_w, grad_beta)
         return nll
 
@@ -108,9 +109,9 @@ class FusedNLL(torch.autograd.Function):
         grad_scale = None if jac_scale is None else jac_scale * per_token
         if grad_w is not None:
             grad_w = grad_w * grad_out[:, None, None]
-            grad_w = grad_w.sum(dim=0, keepdim=True) if ctx.w_shared else grad_w
+            grad_w = (grad_w.sum(dim=0, keepdim=True) if ctx.w_shared else grad_w).to(ctx.w_dtype)
         if grad_beta is not None:
-            grad_beta = (grad_beta * grad_out[:, None]).sum(dim=0)
+            grad_beta = (grad_beta * grad_out[:, None]).sum(dim=0).to(ctx.beta_dtype)
         return grad_x, grad_w, grad_beta, grad_scale, None, None, None, None, None
 
 
@@ -120,13 +121,20 @@ def fused_nll(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, targets: tor
     """NLL (nats) of the logits in the module docstring: per token [k, n], or each chain's mean [k] (``mean``).
 
     x: [k, n, r]; w: [1 or k, r, V]; beta: [V]; targets: [1 or k, n] token ids; scale: [k, n] or None;
-    base: [1 or k, n, d] with w_base [d, V] (constants), or both None. chunk_tokens: rows of logits held
-    at once (per chain). Per-token output is differentiable in x and scale; the mean also in w and beta.
+    base: [1 or k, n, d] (as many rows as targets) with w_base [d, V], constants, or both None.
+    chunk_tokens: rows of logits held at once (per chain). Per-token output is differentiable in x and
+    scale; the mean also in w and beta. Losses and weight gradients are accumulated in at least fp32.
     """
     if (base is None) != (w_base is None):
         raise ValueError("fused_nll: pass base and w_base together, or neither")
     if chunk_tokens < 1:
         raise ValueError(f"fused_nll: chunk_tokens must be >= 1, got {chunk_tokens}")
-    if base is not None:  # constants: no gradient flows to them
-        base, w_base = base.detach(), w_base.detach()
+    if base is not None and len(base) != len(targets):
+        raise ValueError(f"fused_nll: base has {len(base)} rows and targets {len(targets)}; pass one row each "
+                         f"(shared) or one per chain")
+    if base is not None and torch.is_grad_enabled() and (base.requires_grad or w_base.requires_grad):
+        raise ValueError("fused_nll: base and w_base are constants (values at w*); detach them")
+    if not torch.is_grad_enabled():  # nothing will be differentiated: form no Jacobians
+        x, w, beta = x.detach(), w.detach(), beta.detach()
+        scale = None if scale is None else scale.detach()
     return FusedNLL.apply(x, w, beta, scale, base, w_base, targets, chunk_tokens, mean)

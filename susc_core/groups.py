@@ -132,7 +132,8 @@ class HeadGroup:
         q = (_project(flat(c["x_qk"]), wt[f"{p}.W_Q"]) + wt[f"{p}.b_Q"][:, None]).reshape(k * b, s, -1)
         kk = (_project(flat(c["x_qk"]), wt[f"{p}.W_K"]) + wt[f"{p}.b_K"][:, None]).reshape(k * b, s, -1)
         v = (_project(flat(c["x_v"]), wt[f"{p}.W_V"]) + wt[f"{p}.b_V"][:, None]).reshape(k * b, s, -1)
-        z = F.scaled_dot_product_attention(q, kk, v, is_causal=True).view(k, b * s, -1)  # [k, B*S, E]
+        z = F.scaled_dot_product_attention(q[:, None], kk[:, None], v[:, None],  # 4-D: the fused kernel
+                                           is_causal=True).view(k, b * s, -1)  # [k, B*S, E]
         z_star = c["z_star"].reshape(g, b * s, self.cfg.n_heads, -1)
         z_star = z_star[0, :, heads].transpose(0, 1) if g == 1 else z_star[torch.arange(k), :, heads]  # [k, B*S, E]
         delta = torch.bmm(z, wt[f"{p}.W_O"]) - torch.bmm(z_star, self.w_o_star[heads])  # [k, B*S, D]

@@ -138,3 +138,11 @@ def test_lowrank_head_logits_equal_the_unembedding_path():
         out.append((nll.detach(), torch.autograd.grad(mean.sum(), w)[0]))
     torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
     torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)
+
+
+def test_fused_nll_rejects_mismatched_or_moving_base():
+    (x, w, beta, scale), targets, base, w_base = _fused_case(True)
+    with pytest.raises(ValueError, match="rows"):
+        fused_nll(x, w, beta, targets, 4, scale=scale, base=base.expand(len(x), -1, -1), w_base=w_base)
+    with pytest.raises(ValueError, match="constants"):
+        fused_nll(x, w, beta, targets, 4, scale=scale, base=base.requires_grad_(), w_base=w_base)

@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from susc_core.adapters.engine import peak_memory_mib, run_adapter_unit
 from susc_core.adapters.load import load_adapter
 from susc_core.components import expand_names
-from susc_core.engine import run_unit
+from susc_core.engine import NUMERICS_VERSION, run_unit
 from susc_core.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
 from workflows import outputs
 from workflows.execute import RunReport, run_units
@@ -104,7 +104,7 @@ def _fingerprint(cfg: StudyConfig, inputs: StudyInputs) -> dict:
     """What every unit's statistics depend on besides its own components, chains and shard."""
     out = {"sampler": asdict(cfg.sampler), "hashes": inputs.hashes, "seed": cfg.seed, "data": asdict(cfg.data),
            "probes": inputs.probe_rows.select(["probe", "domain", "context_id"]).to_pydict(),
-           "shards": cfg.units.probe_shards}
+           "shards": cfg.units.probe_shards, "numerics": NUMERICS_VERSION}
     if inputs.adapter is not None:  # adapter options change results (memory budget: float rounding only)
         out["adapter"] = asdict(inputs.adapter) | {"memory_budget_mib": cfg.model.memory_budget_mib}
     return out

@@ -27,7 +27,7 @@ class ModelSection:
 
     checkpoint: str = "${asset:default_model.safetensors}"  # bundled: safetensors; hf: directory or .gguf
     device: str = "auto"  # auto: CUDA when present, else CPU
-    adapter: str = "bundled"  # bundled | hf | tl
+    adapter: str = "bundled"  # bundled | hf (TransformerLens models: run_adapter_unit from Python)
     gguf_package: str | None = None  # hf: package whose folder holds the GGUF (found, never imported)
     gguf_file: str | None = None  # hf: GGUF file name inside that package (or inside a checkpoint directory)
     gguf_pip: str | None = None  # hf: pip requirement that installs gguf_package (named when it is missing)
