@@ -12,11 +12,10 @@ divergence and statistics are accumulated there.
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple, Protocol, Sequence
+from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from . import model as M
 from .accumulator import Accumulator, add_draw, init_accumulator, mark_divergence
 from .sgld import SamplerConfig, draw_noise, sgld_update
 
@@ -41,11 +40,15 @@ def context_chunks(n_contexts: int, seq_len: int, chunk_tokens: int) -> list[sli
 
 
 @torch.no_grad()
-def reference_values(params: M.Params, cfg: M.ModelConfig, obs: torch.Tensor, probe: torch.Tensor) -> Reference:
-    """L_n(w*) on obs [M, S+1] and A*_t on every token of probe [P, S+1] (T = P * S, row-major)."""
+def reference_values(per_token_loss: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, probe: torch.Tensor,
+                     chunk_tokens: int) -> Reference:
+    """L_n(w*) on obs [M, S+1] and A*_t on every token of probe [P, S+1] (T = P * S, row-major).
+
+    per_token_loss: contexts [n, S+1] -> [n, S] nats at w*, fed at most ``chunk_tokens`` tokens at a time.
+    """
     def all_losses(tokens):
-        chunks = context_chunks(len(tokens), tokens.shape[1] - 1, cfg.loss_chunk_tokens)
-        return torch.cat([M.per_token_loss(params, cfg, tokens[c]) for c in chunks])
+        chunks = context_chunks(len(tokens), tokens.shape[1] - 1, chunk_tokens)
+        return torch.cat([per_token_loss(tokens[c]) for c in chunks])
     loss_star = all_losses(obs).mean()
     return Reference(loss_star, all_losses(probe).reshape(-1) - loss_star)
 

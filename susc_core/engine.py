@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import numpy as np
 import torch
 
 from .accumulator import to_chain_stats
@@ -23,8 +22,8 @@ from .components import HEAD_RE, component, gather, resolve_components
 from .diagnostics import enforce_divergence_policy
 from .engine_reference import plan_reference
 from .groups import CachedGroup, HeadGroup
-from .model import ModelConfig, Params, param_shapes
-from .seeds import minibatch_schedule, stream_seed, torch_generator
+from .model import ModelConfig, Params, param_shapes, per_token_loss
+from .seeds import chain_streams
 from .sgld import SamplerConfig
 from .stats import ChainStats
 
@@ -90,17 +89,14 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
     check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
-    ref = reference_values(params, model_cfg, obs, probe)
+    ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens), obs, probe,
+                           model_cfg.loss_chunk_tokens)
     loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
-    schedule_of = lambda comp, chain: minibatch_schedule(  # noqa: E731
-        stream_seed(seed, "minibatch", *(() if sampler.share_minibatches else (comp, chain))),
-        len(train), sampler.n_steps, sampler.batch_size)
     plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains))
     results: dict[tuple[str, int], ChainStats] = {}
     for group, members in plan:
-        generators = [torch_generator(stream_seed(seed, "noise", name, c), device) for name, c in members]
-        schedules = [schedule_of(name, c) for name, c in (members[:1] if sampler.share_minibatches else members)]
-        schedule = torch.from_numpy(np.concatenate(schedules, axis=1)).to(device)
+        generators, schedule = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+                                             sampler.batch_size, device)
         w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
         acc = sample_chains(group, w0, generators, schedule, train, obs, probe, ref, sampler,
                             model_cfg.loss_chunk_tokens)

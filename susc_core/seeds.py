@@ -58,3 +58,15 @@ def choose_contexts(seed: int, n_available: int, n: int, label: str = SHARED) ->
         raise ValueError(f"asked for {n} observable contexts but only {n_available} exist")
     rng = np.random.default_rng(stream_seed(seed, "observables", label))
     return np.sort(rng.choice(n_available, size=n, replace=False)).astype(np.int64)
+
+
+def chain_streams(seed: int, members: list[tuple[str, int]], share_minibatches: bool, n_contexts: int,
+                  n_steps: int, batch_size: int, device: torch.device | str) -> tuple[list[torch.Generator], torch.Tensor]:
+    """The streams of a stack of chains ``members`` [(component name, chain)]: one noise generator per
+    member, and the minibatch schedule int64 [n_steps, G * batch_size] on ``device`` (G = 1 shared by
+    every member when ``share_minibatches``, else one block per member, in ``members`` order)."""
+    generators = [torch_generator(stream_seed(seed, "noise", name, chain), device) for name, chain in members]
+    keys = [()] if share_minibatches else members
+    schedule = np.concatenate([minibatch_schedule(stream_seed(seed, "minibatch", *key), n_contexts, n_steps, batch_size)
+                               for key in keys], axis=1)
+    return generators, torch.from_numpy(schedule).to(device)

@@ -6,6 +6,7 @@ Every table carries schema metadata: the component list and layers, the estimato
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +50,11 @@ def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[
     positions = np.tile(np.arange(width - 1, dtype=np.int32), n_ctx)
     rows = np.repeat(np.arange(n_ctx), width - 1)
     probes = probe_rows.column("probe").to_pylist()
-    rank = [probes[:i].count(p) for i, p in enumerate(probes)]  # index of the context within its probe
+    seen: Counter[str] = Counter()
+    rank = []  # index of each context within its probe
+    for p in probes:
+        rank.append(seen[p])
+        seen[p] += 1
     return {
         "probe": np.asarray(probes, dtype=object)[rows],
         "half": np.asarray(["a" if r % 2 == 0 else "b" for r in rank], dtype=object)[rows],

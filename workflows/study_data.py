@@ -124,14 +124,14 @@ def _bundled_inputs(cfg: StudyConfig) -> StudyInputs:
 def adapter_spec(model: ModelSection) -> AdapterSpec:
     """The loadable description of an adapter model: ``checkpoint`` (a directory or .gguf file), or the
     GGUF ``gguf_file`` inside installed package ``gguf_package``."""
+    path, gguf_file = model.checkpoint, model.gguf_file
     if model.gguf_package:
         if not model.gguf_file:
             raise ValueError(f"model.gguf_package={model.gguf_package!r} needs model.gguf_file, the GGUF file's "
                              f"name inside that package")
-        path = package_file(model.gguf_package, model.gguf_file, model.gguf_pip or model.gguf_package)
-        return AdapterSpec(model.adapter, str(path), None, model.loss_chunk_tokens, model.shared_kv,
-                           model.attn_implementation)
-    return AdapterSpec(model.adapter, model.checkpoint, model.gguf_file, model.loss_chunk_tokens, model.shared_kv,
+        path = str(package_file(model.gguf_package, model.gguf_file, model.gguf_pip or model.gguf_package))
+        gguf_file = None  # path is the file itself
+    return AdapterSpec(model.adapter, path, gguf_file, model.loss_chunk_tokens, model.shared_kv,
                        model.attn_implementation)
 
 

@@ -14,16 +14,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import resource
+from functools import partial
 
-import numpy as np
 import torch
 from torch.func import vmap
 
 from ..accumulator import to_chain_stats
-from ..chains import Reference, context_chunks, sample_chains
+from ..chains import reference_values, sample_chains
 from ..diagnostics import enforce_divergence_policy
 from ..engine import check_contexts
-from ..seeds import minibatch_schedule, stream_seed, torch_generator
+from ..seeds import chain_streams
 from ..sgld import SamplerConfig
 from ..stats import ChainStats
 from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
@@ -52,16 +52,6 @@ class AdapterGroup:
         else:
             out = vmap(self._loss)(w, cache[rows])
         return out.mean(dim=(1, 2)) if mean else out
-
-
-@torch.no_grad()
-def adapter_reference(adapter: ModelAdapter, params: Params, obs: torch.Tensor, probe: torch.Tensor) -> Reference:
-    """L_n(w*) on obs [M, S+1] and A*_t = l_t(w*) - L_n(w*) on every probe token, probe [P, S+1] (T = P*S)."""
-    def all_losses(tokens):
-        chunks = context_chunks(len(tokens), tokens.shape[1] - 1, adapter.loss_chunk_tokens)
-        return torch.cat([adapter.per_token_loss(params, tokens[c]) for c in chunks])
-    loss_star = all_losses(obs).mean()
-    return Reference(loss_star, all_losses(probe).reshape(-1) - loss_star)
 
 
 def saved_bytes(group: AdapterGroup, w: torch.Tensor, tokens: torch.Tensor) -> int:
@@ -130,9 +120,7 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
     check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
-    if len({t.shape[1] for t in (train, obs, probe)}) != 1:
-        raise ValueError("train, observable and probe contexts must have the same length")
-    ref = adapter_reference(adapter, params, obs, probe)
+    ref = reference_values(partial(adapter.per_token_loss, params), obs, probe, adapter.loss_chunk_tokens)
     loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
     results: dict[tuple[str, int], ChainStats] = {}
     for name in names:
@@ -146,12 +134,10 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
                                              memory_budget_mib)
             run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
             log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
-        generators = [torch_generator(stream_seed(seed, "noise", n, c), device) for n, c in members]
-        keys = [()] if sampler.share_minibatches else members
-        schedule = np.concatenate([minibatch_schedule(stream_seed(seed, "minibatch", *key), len(train),
-                                                      sampler.n_steps, sampler.batch_size) for key in keys], axis=1)
-        acc = sample_chains(group, w_star, generators, torch.from_numpy(schedule).to(device), train, obs, probe,
-                            ref, run_sampler, adapter.loss_chunk_tokens)
+        generators, schedule = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+                                             sampler.batch_size, device)
+        acc = sample_chains(group, w_star, generators, schedule, train, obs, probe, ref, run_sampler,
+                            adapter.loss_chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
     enforce_divergence_policy(results, sampler.divergence_policy)
