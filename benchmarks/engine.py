@@ -1,12 +1,15 @@
 """Benchmark of the estimator engine on the default model; prints ONE JSON object as its last line.
 
-    python benchmarks/engine.py [--device cpu] [--draws 2] [--obs 8] [--probe 8] [--threads N] [--chunk-tokens 256]
+    python benchmarks/engine.py [--device cpu|cuda] [--draws 2] [--obs 8] [--probe 8] [--threads N] [--chunk-tokens 256]
+                                [--cpu-sequential-threads N]
 
 Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
-the sequential reference plan (measured on one head per layer and the full run, then weighted to the
-same unit), FLOPs of one unit counted from the model's shapes, both the honest-path FLOPs (full forward
-per chain) and the FLOPs the batched engine actually executes, the FLOP/s they imply against a torch
-matmul peak measured in the same run, and peak RSS at two draw counts (fresh subprocesses).
+the sequential reference plan (all chains and draws of one head per layer and of the full run, each
+head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both the
+honest-path FLOPs (full forward per chain) and the FLOPs the batched engine actually executes, the FLOP/s they imply against a torch
+matmul peak measured in the same run, and peak memory at two draw counts (fresh subprocesses; RSS on the
+CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU, ``--cpu-sequential-threads N`` also times the
+sequential reference on the host CPU with N threads, for the GPU-engine-vs-CPU-reference ratio.
 On a CPU shared with other jobs, ``--threads 1`` avoids OpenMP oversubscription (2 threads on 2 busy
 cores ran the engine several times slower than 1 thread in our measurements).
 """
@@ -17,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -30,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from susc_core.checkpoint import load_model  # noqa: E402
 from susc_core.engine import run_unit  # noqa: E402
+from susc_core.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
 from susc_core.model import ModelConfig, init_params  # noqa: E402
 from susc_core.sgld import SamplerConfig  # noqa: E402
 
@@ -44,7 +47,8 @@ def model():
     return cfg, init_params(cfg, torch.Generator().manual_seed(0)), "random init (no trained checkpoint found)"
 
 
-def matmul_peak(device, dtype=torch.float32, n=1024, reps=20) -> float:
+def matmul_peak(device, n: int, dtype=torch.float32, reps=20) -> float:
+    """FLOP/s of an n x n x n product in ``dtype`` under torch's current matmul precision (random data)."""
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -54,6 +58,10 @@ def matmul_peak(device, dtype=torch.float32, n=1024, reps=20) -> float:
         a @ b
     sync(device)
     return 2 * n ** 3 * reps / (time.perf_counter() - start)
+
+
+def device_name(device) -> str:
+    return torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else "cpu"
 
 
 def sync(device):
@@ -104,9 +112,24 @@ def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
 
 
 def timed_unit(*args, **kwargs):
+    """Wall seconds of ``run_unit`` (its statistics come back on the host, so the device has finished)."""
     start = time.perf_counter()
     out = run_unit(*args, **kwargs)
     return time.perf_counter() - start, out
+
+
+def sequential_seconds(cfg, params, sampler, train, obs, probe, device) -> tuple[float, dict[str, float]]:
+    """Seconds of the sequential reference plan for every head + full (all chains and draws of ``sampler``):
+    one head per layer and the full run are timed whole (after a warm-up), each head's time stands for its
+    layer's heads. Returns (total seconds, seconds per chain·draw of each timed component)."""
+    run_unit(cfg, params, ["L0H0"], [0], SamplerConfig(**{**sampler.__dict__, "n_draws": 1}), train, obs, probe,
+             seed=0, device=device, mode="reference")  # warm-up
+    chains = list(range(sampler.n_chains))
+    seconds = {name: timed_unit(cfg, params, [name], chains, sampler, train, obs, probe, seed=0, device=device,
+                                mode="reference")[0]
+               for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]}
+    total = sum(cfg.n_heads * seconds[f"L{l}H0"] for l in range(cfg.n_layers)) + seconds["full"]
+    return total, {name: t / (sampler.n_chains * sampler.n_draws) for name, t in seconds.items()}
 
 
 def main():
@@ -116,14 +139,20 @@ def main():
     ap.add_argument("--obs", type=int, default=8, help="fixed observable contexts")
     ap.add_argument("--probe", type=int, default=8, help="probe contexts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--chunk-tokens", type=int, default=256,
-                    help="rows of vocabulary logits per chunk (a cache-sized block; does not change results)")
-    ap.add_argument("--memory-draws", type=int, nargs=2, default=(1, 5), help="draw counts of the RSS check")
+    ap.add_argument("--chunk-tokens", type=int, default=None,
+                    help="rows of vocabulary logits per block (default 256 on a CPU: a cache-sized block; 65536 on a "
+                         "GPU: whole chains per launch); changes speed, not results")
+    ap.add_argument("--memory-draws", type=int, nargs=2, default=(1, 5), help="draw counts of the memory check")
+    ap.add_argument("--peak-size", type=int, default=None,
+                    help="n of the n x n x n matmul-peak product (default 1024 on a CPU, 8192 on a GPU: fills it)")
+    ap.add_argument("--cpu-sequential-threads", type=int, default=0,
+                    help="with a GPU --device, also time the sequential reference on the host CPU (N threads)")
     ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, params, source = model()
+    args.chunk_tokens = args.chunk_tokens or (65536 if torch.device(args.device).type == "cuda" else 256)
     cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.chunk_tokens)
     seq = cfg.n_ctx
     gen = torch.Generator().manual_seed(1)
@@ -134,25 +163,31 @@ def main():
     heads = [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
     chains = list(range(sampler.n_chains))
     if args.memory_child:
+        reset_peak_memory(args.device)
         run_unit(cfg, params, ["L*H*", "full"], chains, SamplerConfig(**{**sampler.__dict__, "n_draws": args.memory_child}),
                  train, obs, probe, seed=0, device=args.device)
-        print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+        print(peak_memory_mib(args.device))
         return
-    peak = matmul_peak(args.device)
-    peak_bf16 = matmul_peak(args.device, torch.bfloat16)
+    peak_size = args.peak_size or (8192 if torch.device(args.device).type == "cuda" else 1024)
+    peak = matmul_peak(args.device, peak_size)
+    peak_bf16 = matmul_peak(args.device, peak_size, torch.bfloat16)
     units = (len(heads) + 1) * len(chains) * args.draws
-    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device)
-    # sequential: one chain of one head per layer and of the full run, weighted to the same unit
-    seq_sampler = SamplerConfig(**{**sampler.__dict__, "n_draws": 1})
-    per_chain_draw = {}
-    run_unit(cfg, params, ["L0H0"], [0], seq_sampler, train, obs, probe, seed=0, device=args.device, mode="reference")  # warm-up
-    for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]:
-        t, _ = timed_unit(cfg, params, [name], [0], seq_sampler, train, obs, probe, seed=0, device=args.device,
-                          mode="reference")
-        per_chain_draw[name] = t
-    t_seq = len(chains) * args.draws * (sum(cfg.n_heads * per_chain_draw[f"L{l}H0"] for l in range(cfg.n_layers))
-                                        + per_chain_draw["full"])
     bf16 = SamplerConfig(**{**sampler.__dict__, "forward_dtype": "bfloat16"})
+    for timed in (sampler, bf16):  # warm-up of each precision: kernels, handles and allocator pools stay out
+        run_unit(cfg, params, ["L0H*", f"L{cfg.n_layers - 1}H*", "full"], [0],
+                 SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device)
+    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device)
+    t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device)
+    cpu_reference = {}
+    if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
+        gpu_threads = torch.get_num_threads()
+        torch.set_num_threads(args.cpu_sequential_threads)
+        t_cpu, per_chain_draw_cpu = sequential_seconds(cfg, params, sampler, train, obs, probe, "cpu")
+        torch.set_num_threads(gpu_threads)
+        cpu_reference = {"cpu_sequential_threads": args.cpu_sequential_threads,
+                         "cpu_sequential_units_per_s": units / t_cpu,
+                         "cpu_sequential_s_per_chain_draw": per_chain_draw_cpu,
+                         "speedup_vs_cpu_sequential": t_cpu / t_batched}
     t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
     n_obs_tokens = (args.obs + args.probe) * seq
     flops = unit_flops(cfg, sampler, seq, n_obs_tokens)
@@ -164,7 +199,8 @@ def main():
                               "--memory-child", str(draws)], capture_output=True, text=True, check=True)
         memory[f"draws_{draws}"] = float(out.stdout.strip().splitlines()[-1])
     print(json.dumps({
-        "model": source, "device": args.device, "threads": torch.get_num_threads(),
+        "model": source, "device": args.device, "device_name": device_name(args.device),
+        "threads": torch.get_num_threads(), "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "chunk_tokens": args.chunk_tokens, "load_average_1min": os.getloadavg()[0],
         "unit": {"components": len(heads) + 1, "chains": len(chains), "draws": args.draws, "batch_size": 16,
                  "obs_contexts": args.obs, "probe_contexts": args.probe, "seq": seq},
@@ -174,15 +210,17 @@ def main():
         "speedup_vs_sequential": t_seq / t_batched,
         "speedup_bf16_vs_sequential": t_seq / t_bf16,
         "sequential_s_per_chain_draw": per_chain_draw,
+        **cpu_reference,
         "honest_flops_per_unit": flops,
-        "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
+        "matmul_peak_size": peak_size, "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
         "batched_honest_equiv_flops_per_s": flops * units / t_batched,
         "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
         "executed_flops_per_unit": executed,
         "batched_executed_flops_per_s": executed * units / t_batched,
         "batched_executed_fraction_of_fp32_peak": executed * units / t_batched / peak,
         "sequential_fraction_of_fp32_peak": flops * units / t_seq / peak,
-        "peak_rss_mib_heads_plus_full": memory,
+        "peak_memory_kind": "cuda_max_allocated" if torch.device(args.device).type == "cuda" else "rss",
+        "peak_memory_mib_heads_plus_full": memory,
     }))
 
 

@@ -36,14 +36,16 @@ NUMERICS_VERSION = 2
 def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
     """[(group, [(component name, chain)])]: one HeadGroup per layer with selected heads, one CachedGroup
     per other component; members in (component, chain) order. Last-block heads use the low-rank logit
-    change (see ``HeadGroup``)."""
+    change (see ``HeadGroup``); on an accelerator a CachedGroup's chains share one vmapped forward."""
     heads_by_layer: dict[int, list[str]] = defaultdict(list)
+    on_accelerator = params["embed.W_E"].device.type != "cpu"
     plan = []
     for name in names:
         if HEAD_RE.match(name):
             heads_by_layer[component(cfg, name).layer].append(name)
         else:
-            plan.append((CachedGroup(params, cfg, component(cfg, name)), [(name, c) for c in chains]))
+            plan.append((CachedGroup(params, cfg, component(cfg, name), vmap_chains=on_accelerator),
+                         [(name, c) for c in chains]))
     for layer, heads in sorted(heads_by_layer.items()):
         members = [(name, c) for name in heads for c in chains]
         comps = [component(cfg, name) for name, _ in members]

@@ -8,11 +8,12 @@ For chains i = 0 .. k-1 and tokens t the logits are
 unembedding is ``x = ln_final output, w = W_U, beta = b_U``; the low-rank path of a last-layer head is
 ``base = residual at w*, w_base = Wc, x = [z, z*], w = [W_O Wc; -W_O* Wc], scale = inv_sigma``.
 
-Logits exist only for ``chunk_tokens`` rows at a time (a block that stays in cache) and are never
-recomputed: while a chunk is hot the forward also contracts ``softmax - onehot`` into every gradient
-the caller needs (the softmax normalisation, the scale and the one-hot part are applied to the small
-results, so the [tokens, d_vocab] block sees no extra pass); the backward is a few multiplies and no
-autograd graph is built over the vocabulary. Two outputs:
+Logits exist only for ``chunk_tokens`` rows at a time and are never recomputed (``blocks``: whole
+chains at once when they fit, few large launches for an accelerator; a cache-sized block of one chain's
+tokens on a CPU): one fused log-softmax pass gives the losses, and while the block is hot the forward
+also contracts ``softmax - onehot`` into every gradient the caller needs (the row scale and the one-hot
+part are applied to the small results, so the [tokens, d_vocab] block sees no extra pass); the backward
+is a few multiplies and no autograd graph is built over the vocabulary. Two outputs:
 
 - per-token NLL ``[k, n]``: differentiable in ``x`` and ``scale`` (per-token Jacobians, exact for any
   upstream gradient); used for observables and wherever only activations move.
@@ -29,16 +30,29 @@ from __future__ import annotations
 import torch
 
 
-def _chunk_pre(base_c, x_c, w_i, i, g):
-    """Pre-scale logits [c, V] of chain i on one chunk (base_c: [G, c, V] products, or None)."""
-    return x_c[i] @ w_i if base_c is None else torch.addmm(base_c[g], x_c[i], w_i)
+def blocks(k: int, n: int, chunk_tokens: int) -> list[tuple[slice, slice]]:
+    """(chains, tokens) blocks covering k chains x n tokens with at most ``chunk_tokens`` rows each, token
+    range outermost: whole chains, as many as fit, when a chain's n tokens fit (few large launches on an
+    accelerator), else ``chunk_tokens`` tokens of one chain (a cache-sized block on a CPU)."""
+    if n <= chunk_tokens:
+        per = chunk_tokens // n
+        return [(slice(i, min(i + per, k)), slice(0, n)) for i in range(0, k, per)]
+    return [(slice(i, i + 1), slice(s, min(s + chunk_tokens, n))) for s in range(0, n, chunk_tokens) for i in range(k)]
 
 
-def _logits(pre, scale_c, beta, i, keep_pre):
-    """Logits [c, V] from the pre-scale ones, in place unless ``keep_pre``."""
-    if scale_c is None:
-        return pre + beta if keep_pre else pre.add_(beta)
-    return torch.addcmul(beta, pre, scale_c[i, :, None]) if keep_pre else pre.mul_(scale_c[i, :, None]).add_(beta)
+def _rows(t: torch.Tensor, chains: slice) -> torch.Tensor:
+    """The chains' rows of a per-chain tensor, or its shared row 0 (leading axis 1)."""
+    return t[:1] if len(t) == 1 else t[chains]
+
+
+def _times_w(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """a [kb, c, m] times w [1 or kb, m, p] (+ bias [p], added by the matmul) -> [kb, c, p]; a shared w is
+    one flat matmul."""
+    if len(w) == 1:
+        flat = a.reshape(-1, a.shape[-1])
+        out = flat @ w[0] if bias is None else torch.addmm(bias, flat, w[0])
+        return out.view(*a.shape[:2], w.shape[-1])
+    return torch.bmm(a, w) if bias is None else torch.baddbmm(bias, a, w)
 
 
 class FusedNLL(torch.autograd.Function):
@@ -46,52 +60,58 @@ class FusedNLL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, beta, scale, base, w_base, targets, chunk_tokens, mean):
-        k, n, _ = x.shape
+        k, n, r = x.shape
         need_x, need_w, need_beta, need_scale = ctx.needs_input_grad[:4]
         if (need_w or need_beta) and not mean:
             raise ValueError("fused_nll: per-token losses are differentiable in x and scale only; "
                              "pass mean=True to differentiate w or beta")
         acc = torch.promote_types(x.dtype, torch.float32)  # losses and sums stay >= fp32 under bf16 autocast
         nll = x.new_empty(k, n, dtype=acc)
-        jac_x = torch.empty_like(x) if need_x else None  # d out / d x, formed while the chunk is hot
+        jac_x = torch.empty_like(x) if need_x else None  # d out / d x, formed while the block is hot
         jac_scale = torch.empty_like(scale) if need_scale else None
         grad_w = x.new_zeros(k, *w.shape[1:], dtype=acc) if need_w else None  # per chain, reduced in the backward
         grad_beta = x.new_zeros(k, beta.shape[0], dtype=acc) if need_beta else None
-        for s in range(0, n, chunk_tokens):
-            c = slice(s, min(s + chunk_tokens, n))
-            base_c = None if base is None else base[:, c] @ w_base
-            scale_c = None if scale is None else scale[:, c]
-            for i in range(k):
-                g = 0 if len(targets) == 1 else i
-                w_i, t_c = w[0 if len(w) == 1 else i], targets[g, c]
-                pre = _chunk_pre(base_c, x[:, c], w_i, i, g)
-                logits = _logits(pre, scale_c, beta, i, keep_pre=need_scale)
-                picked = logits.gather(1, t_c[:, None]).squeeze(1)
-                top = logits.amax(dim=1)
-                expo = logits.sub_(top[:, None]).exp_()  # E = exp(logits - top), in place
-                total = expo.sum(dim=1)
-                nll[i, c] = total.log().add_(top).sub_(picked)
-                if not (need_x or need_w or need_beta or need_scale):
-                    continue
-                # d nll / d logits = diag(1/total) E - onehot(t); d / d pre adds the row scale s. The row
-                # factors and the one-hot part are applied to the small [c, r] / [r, V] results, never
-                # as passes over the [c, V] block.
-                inv_total = total.reciprocal()
-                row = inv_total if scale_c is None else inv_total * scale_c[i]  # rows of E in d / d pre
-                hot = None if scale_c is None else scale_c[i]  # rows of the one-hot part in d / d pre
-                if need_beta:
-                    grad_beta[i] += inv_total @ expo
-                    grad_beta[i].index_add_(0, t_c, grad_beta.new_full((len(t_c),), -1.0))
-                if need_scale:
-                    pre_t = pre.gather(1, t_c[:, None]).squeeze(1)
-                    jac_scale[i, c] = pre.mul_(expo).sum(dim=1).mul_(inv_total).sub_(pre_t)  # pre not needed again
-                if need_x:
-                    onehot_x = w_i[:, t_c].T if hot is None else w_i[:, t_c].T * hot[:, None]
-                    jac_x[i, c] = (expo @ w_i.T).mul_(row[:, None]).sub_(onehot_x)
-                if need_w:
-                    x_c = x[i, c]
-                    grad_w[i] += (x_c * row[:, None]).T @ expo  # out of place: autocast may hand bf16 here
-                    grad_w[i].index_add_(1, t_c, -(x_c if hot is None else x_c * hot[:, None]).T.to(grad_w.dtype))
+        base_c, base_for = None, None  # a shared base's product for token range base_for, reused by its chains
+        for ch, c in blocks(k, n, chunk_tokens):
+            x_b, w_b = x[ch, c], _rows(w, ch)  # [kb, cb, r], [1 or kb, r, V]
+            kb, cb = x_b.shape[:2]
+            t_b = _rows(targets, ch)[:, c].expand(kb, cb)
+            scale_b = None if scale is None else scale[ch, c, None]  # [kb, cb, 1]
+            pre = _times_w(x_b, w_b, beta if scale_b is None else None)  # pre-scale logits [kb, cb, V] (+ beta)
+            if base is not None and (len(base) > 1 or c != base_for):
+                base_c, base_for = _times_w(_rows(base, ch)[:, c], w_base[None]), c
+            if base is not None:
+                pre += base_c
+            if scale_b is None:
+                logits = pre
+            else:
+                logits = torch.addcmul(beta, pre, scale_b) if need_scale else pre.mul_(scale_b).add_(beta)
+            # one fused, row-local pass over the block; in place unless autocast handed low-precision logits
+            in_place = logits.dtype == acc
+            logp = torch.log_softmax(logits, 2, out=logits) if in_place else torch.log_softmax(logits, 2, dtype=acc)
+            del logits  # (pre survives when the scale gradient needs it)
+            nll[ch, c] = logp.gather(2, t_b[..., None])[..., 0].neg_()
+            if not (need_x or need_w or need_beta or need_scale):
+                continue
+            # d nll / d logits = P - onehot(t) (P = softmax); d / d pre scales both by s. The row scale and
+            # the one-hot part are applied to the small [c, r] / [r, V] results, never as passes over the
+            # [c, V] block.
+            prob = logp.exp_()  # P, in place
+            if need_beta:
+                grad_beta[ch] += prob.sum(dim=1)
+                grad_beta[ch].scatter_add_(1, t_b, torch.full(t_b.shape, -1.0, dtype=acc, device=t_b.device))
+            if need_scale:
+                pre_t = pre.gather(2, t_b[..., None])[..., 0]
+                jac_scale[ch, c] = pre.mul_(prob).sum(dim=2).sub_(pre_t)  # pre not needed again
+            if need_x:
+                w_t = w_b.transpose(1, 2)  # [1 or kb, V, r]
+                onehot_x = w_t[0][t_b] if len(w_b) == 1 else w_t.gather(1, t_b[..., None].expand(-1, -1, r))
+                jac_x[ch, c] = (_times_w(prob, w_t) - onehot_x) if scale_b is None else (
+                    _times_w(prob, w_t).sub_(onehot_x).mul_(scale_b))
+            if need_w:
+                x_s = (x_b if scale_b is None else x_b * scale_b).transpose(1, 2)  # [kb, r, cb]
+                grad_w[ch] += torch.bmm(x_s, prob)  # out of place: may be bf16
+                grad_w[ch].scatter_add_(2, t_b[:, None].expand(-1, r, -1), -x_s.to(grad_w.dtype))
         if mean:
             nll = nll.mean(dim=1)
             for t in (jac_x, jac_scale, grad_w, grad_beta):
@@ -122,8 +142,9 @@ def fused_nll(x: torch.Tensor, w: torch.Tensor, beta: torch.Tensor, targets: tor
 
     x: [k, n, r]; w: [1 or k, r, V]; beta: [V]; targets: [1 or k, n] token ids; scale: [k, n] or None;
     base: [1 or k, n, d] (as many rows as targets) with w_base [d, V], constants, or both None.
-    chunk_tokens: rows of logits held at once (per chain). Per-token output is differentiable in x and
-    scale; the mean also in w and beta. Losses and weight gradients are accumulated in at least fp32.
+    chunk_tokens: rows of logits held at once (over all chains of a block; see ``blocks``). Per-token
+    output is differentiable in x and scale; the mean also in w and beta. Losses and weight gradients
+    are accumulated in at least fp32.
     """
     if (base is None) != (w_base is None):
         raise ValueError("fused_nll: pass base and w_base together, or neither")

@@ -13,10 +13,12 @@ weight gradients in the forward, see ``fused_nll``).
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from torch.func import vmap
 
 from . import model as M
 from .components import Component, scatter, unflatten
@@ -56,7 +58,19 @@ class HonestGroup:
 
 class CachedGroup(HonestGroup):
     """Like ``HonestGroup`` but starting from the cached residual before the component's first block
-    (components holding W_E change that residual, so they start from their own embedding)."""
+    (components holding W_E change that residual, so they start from their own embedding).
+
+    vmap_chains: every chain on one ``vmap``-ped forward (one launch per op instead of one per chain:
+    the faster form on an accelerator, where launches bound a small model). Attention then forms its
+    pattern explicitly (an identity ``hook_pattern``): the fused SDPA kernels have no vmap batching rule
+    and CUDA's backward fails under the fallback. On a CPU the per-chain loop with the fused kernel is
+    faster. Both are exact.
+    """
+
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, vmap_chains: bool = False):
+        super().__init__(params, cfg, comp)
+        self.vmap_chains = vmap_chains
+        self.explicit_pattern = {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern for l in range(cfg.n_layers)}
 
     def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if any(p == "embed.W_E" for p, _ in self.comp.slices):
@@ -68,17 +82,32 @@ class CachedGroup(HonestGroup):
 
     def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor:
         tokens, resid = (None if t is None else _rows(t, rows) for t in cache)
-        out = []
-        for i in range(len(w)):
-            g = 0 if len(tokens) == 1 else i
-            params = scatter(self.params, self.comp, w[i])
-            start = 0 if resid is None else self.comp.layer
-            x = M.final_norm(params, self.cfg, tokens[g, :, :-1], start_layer=start,
-                             resid=None if resid is None else resid[g])
-            nll = fused_nll(x.reshape(1, -1, x.shape[-1]), params["unembed.W_U"][None], params["unembed.b_U"],
-                            tokens[g, :, 1:].reshape(1, -1), self.cfg.loss_chunk_tokens, mean=mean)
-            out.append(nll[0] if mean else nll.view(x.shape[:-1]))
-        return torch.stack(out)
+        k, shared = len(w), len(tokens) == 1
+        start = 0 if resid is None else self.comp.layer
+
+        def normed(w_i, tokens_i, resid_i, hooks=None):  # one chain's ln_final output [B, S, d_model]
+            return M.final_norm(scatter(self.params, self.comp, w_i), self.cfg, tokens_i[:, :-1], hooks=hooks,
+                                start_layer=start, resid=resid_i)
+
+        tok, res = (t[0] if shared and t is not None else t for t in (tokens, resid))  # shared: one row for all
+        if self.vmap_chains:
+            per_chain = None if shared else 0
+            x = vmap(partial(normed, hooks=self.explicit_pattern),
+                     in_dims=(0, per_chain, None if res is None else per_chain))(w, tok, res)
+        else:
+            x = torch.stack([normed(w[i], *(t if shared or t is None else t[i] for t in (tok, res)))
+                             for i in range(k)])
+        x = x.reshape(k, -1, x.shape[-1])
+        targets = tokens[:, :, 1:].reshape(len(tokens), -1)
+        moving = unflatten(self.comp, w)
+        w_u = moving.get("unembed.W_U", self.params["unembed.W_U"][None])  # [1 or k, d_model, V]
+        if "unembed.b_U" not in moving:
+            nll = fused_nll(x, w_u, self.params["unembed.b_U"], targets, self.cfg.loss_chunk_tokens, mean=mean)
+        else:  # a moving bias: one call per chain (fused_nll takes one beta)
+            nll = torch.cat([fused_nll(x[i:i + 1], w_u[i:i + 1], moving["unembed.b_U"][i],
+                                       targets[0 if shared else i][None], self.cfg.loss_chunk_tokens, mean=mean)
+                             for i in range(k)])
+        return nll if mean else nll.view(k, tokens.shape[1], -1)
 
 
 def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,20 @@ REPO = Path(__file__).resolve().parent.parent
 CORPUS = REPO / "data" / "corpus"
 
 
+def pytest_addoption(parser):
+    parser.addoption("--device", default="cpu",
+                     help="torch device of the engine tests (cpu, cuda, cuda:1, ...); CI runs cpu")
+
+
+@pytest.fixture(scope="session")
+def device(request) -> torch.device:
+    """The device the engine tests compute on (``--device``); asking for a missing GPU is an error, not a skip."""
+    device = torch.device(request.config.getoption("--device"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        pytest.fail(f"--device {device} asked for, but torch sees no CUDA device (torch {torch.__version__})")
+    return device
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A private 2-CPU Ray runtime shared by every test that needs Ray."""

@@ -4,8 +4,8 @@ import torch
 
 from susc_core.components import component, gather
 from susc_core.engine import run_unit
-from susc_core.fused_nll import fused_nll
-from susc_core.groups import HeadGroup
+from susc_core.fused_nll import blocks, fused_nll
+from susc_core.groups import CachedGroup, HeadGroup
 from susc_core.model import ModelConfig, init_params
 from susc_core.sgld import SamplerConfig
 
@@ -21,45 +21,47 @@ def _setup(cfg):
     return params, contexts
 
 
-def _assert_same(a, b, atol=2e-6):
+def _assert_same(a, b, atol=2e-6, rtol=1e-6):
+    """Float32 agreement: the paths sum in different orders (and attention kernels differ on accelerators)."""
     assert a.keys() == b.keys()
     for key in a:
-        np.testing.assert_allclose(a[key].g_trace, b[key].g_trace, atol=atol, err_msg=str(key))
-        np.testing.assert_allclose(a[key].sum_ga, b[key].sum_ga, atol=atol, err_msg=str(key))
-        np.testing.assert_allclose(a[key].sum_a2, b[key].sum_a2, atol=atol, err_msg=str(key))
+        np.testing.assert_allclose(a[key].g_trace, b[key].g_trace, atol=atol, rtol=rtol, err_msg=str(key))
+        np.testing.assert_allclose(a[key].sum_ga, b[key].sum_ga, atol=atol, rtol=rtol, err_msg=str(key))
+        np.testing.assert_allclose(a[key].sum_a2, b[key].sum_a2, atol=atol, rtol=rtol, err_msg=str(key))
 
 
 @pytest.mark.parametrize("cfg,share", [(CFG, True), (CFG, False), (CFG_MLP, True)])
-def test_batched_equals_sequential_reference(cfg, share):
+def test_batched_equals_sequential_reference(cfg, share, device):
     params, (train, obs, probe) = _setup(cfg)
     sampler = SamplerConfig(**{**SAMPLER.__dict__, "share_minibatches": share})
     names = ["L*H*", "L1", "embed", "unembed", "full"] + (["L0.mlp"] if cfg.d_mlp else [])
-    batched = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3)
-    reference = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3, mode="reference")
+    batched = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3, device=device)
+    reference = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3, device=device,
+                         mode="reference")
     _assert_same(batched, reference)
     assert len(batched) == 2 * (4 + 4 + bool(cfg.d_mlp))
     assert all(np.abs(s.g_trace).max() > 1e-4 for s in batched.values())  # chains moved
     assert batched[("L1H0", 0)].a_star.shape == (3 * 8,)
 
 
-def test_chain_statistics_do_not_depend_on_grouping():
+def test_chain_statistics_do_not_depend_on_grouping(device):
     params, (train, obs, probe) = _setup(CFG)
-    together = run_unit(CFG, params, ["L1H*", "L0H1"], [0, 1, 2], SAMPLER, train, obs, probe, seed=5)
-    alone = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=5)
+    together = run_unit(CFG, params, ["L1H*", "L0H1"], [0, 1, 2], SAMPLER, train, obs, probe, seed=5, device=device)
+    alone = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=5, device=device)
     _assert_same({("L1H1", 2): together[("L1H1", 2)]}, alone)
-    other_seed = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=6)
+    other_seed = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=6, device=device)
     assert not np.allclose(other_seed[("L1H1", 2)].g_trace, alone[("L1H1", 2)].g_trace)
     assert not np.allclose(together[("L1H1", 0)].g_trace, together[("L1H1", 1)].g_trace)
 
 
-def test_divergence_policies():
+def test_divergence_policies(device):
     params, (train, obs, probe) = _setup(CFG)
     wild = SamplerConfig(**{**SAMPLER.__dict__, "step_size": 0.5, "gamma": 1.0, "nbeta": 1e4, "blowup_nats": 1.0})
     with pytest.raises(RuntimeError, match="diverged"):
-        run_unit(CFG, params, ["full"], [0], wild, train, obs, probe, seed=1)
+        run_unit(CFG, params, ["full"], [0], wild, train, obs, probe, seed=1, device=device)
     with pytest.warns(RuntimeWarning, match="diverged"):
         out = run_unit(CFG, params, ["full"], [0], SamplerConfig(**{**wild.__dict__, "divergence_policy": "drop"}),
-                       train, obs, probe, seed=1)
+                       train, obs, probe, seed=1, device=device)
     assert out[("full", 0)].diverged and 1 <= out[("full", 0)].diverged_step <= wild.n_steps
 
 
@@ -76,24 +78,26 @@ def test_bad_inputs_are_named():
                  train, obs, probe, seed=1)
 
 
-def _fused_case(lowrank: bool):
+def _fused_case(lowrank: bool, device="cpu"):
     gen = torch.Generator().manual_seed(7)
     k, n, r, d, v = 3, 11, 4, 5, 9
-    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64)  # noqa: E731
+    rnd = lambda *shape: torch.randn(*shape, generator=gen, dtype=torch.float64).to(device)  # noqa: E731
     x, beta = rnd(k, n, r).requires_grad_(), rnd(v).requires_grad_()
     if lowrank:
-        w, targets = rnd(k, r, v).requires_grad_(), torch.randint(0, v, (1, n), generator=gen)
-        scale = (torch.rand(k, n, generator=gen, dtype=torch.float64) + 0.5).requires_grad_()
+        w, targets = rnd(k, r, v).requires_grad_(), torch.randint(0, v, (1, n), generator=gen).to(device)
+        scale = (torch.rand(k, n, generator=gen, dtype=torch.float64).to(device) + 0.5).requires_grad_()
         base, w_base = rnd(1, n, d), rnd(d, v)
         return (x, w, beta, scale), targets, base, w_base
-    return (x, rnd(1, r, v).requires_grad_(), beta, None), torch.randint(0, v, (k, n), generator=gen), None, None
+    return ((x, rnd(1, r, v).requires_grad_(), beta, None), torch.randint(0, v, (k, n), generator=gen).to(device),
+            None, None)
 
 
 @pytest.mark.parametrize("lowrank", [False, True])
 @pytest.mark.parametrize("mean", [False, True])
-def test_fused_nll_value_and_gradient_equal_autograd(lowrank, mean):
+@pytest.mark.parametrize("chunk", [4, 25, 100])  # n = 11 tokens, k = 3 chains: token chunks; 2 + 1 chains; all
+def test_fused_nll_value_and_gradient_equal_autograd(lowrank, mean, chunk, device):
     """Per-token output: gradients in x (and scale); per-chain mean: gradients in every input."""
-    (x, w, beta, scale), targets, base, w_base = _fused_case(lowrank)
+    (x, w, beta, scale), targets, base, w_base = _fused_case(lowrank, device)
     if not mean:
         w, beta = w.detach(), beta.detach()
     inputs = [t for t in (x, w, beta, scale) if t is not None and t.requires_grad]
@@ -101,9 +105,9 @@ def test_fused_nll_value_and_gradient_equal_autograd(lowrank, mean):
     logits = (logits if scale is None else scale[..., None] * logits) + beta
     expected = torch.logsumexp(logits, -1) - logits.gather(-1, targets.expand(len(x), -1)[..., None])[..., 0]
     expected = expected.mean(dim=1) if mean else expected
-    got = fused_nll(x, w, beta, targets, 4, scale=scale, base=base, w_base=w_base, mean=mean)  # 4 does not divide n = 11
+    got = fused_nll(x, w, beta, targets, chunk, scale=scale, base=base, w_base=w_base, mean=mean)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
-    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    weights = torch.randn(got.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     for a, b in zip(torch.autograd.grad((got * weights).sum(), inputs),
                     torch.autograd.grad((expected * weights).sum(), inputs)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
@@ -121,11 +125,12 @@ def test_fused_nll_rejects_half_a_base():
         fused_nll(x, w, beta, targets, 4, base=base)
 
 
-def test_lowrank_head_logits_equal_the_unembedding_path():
+def test_lowrank_head_logits_equal_the_unembedding_path(device):
     params, (train, _, _) = _setup(CFG)
+    params = {k: v.to(device) for k, v in params.items()}
     comp = component(CFG, "L1H0")
-    tokens = train[:4].unsqueeze(0)
-    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i))
+    tokens = train[:4].unsqueeze(0).to(device)
+    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i)).to(device)
                      for i in range(2)]).requires_grad_()
     out = []
     for lowrank in (True, False):
@@ -146,3 +151,47 @@ def test_fused_nll_rejects_mismatched_or_moving_base():
         fused_nll(x, w, beta, targets, 4, scale=scale, base=base.expand(len(x), -1, -1), w_base=w_base)
     with pytest.raises(ValueError, match="constants"):
         fused_nll(x, w, beta, targets, 4, scale=scale, base=base.requires_grad_(), w_base=w_base)
+
+
+@pytest.mark.parametrize("k,n,chunk", [(3, 11, 4), (3, 11, 11), (5, 11, 25), (4, 8, 1000)])
+def test_fused_nll_blocks_cover_every_row_once(k, n, chunk):
+    seen = torch.zeros(k, n, dtype=torch.int64)
+    for chains, tokens in blocks(k, n, chunk):
+        assert (chains.stop - chains.start) * (tokens.stop - tokens.start) <= max(chunk, 1)
+        seen[chains, tokens] += 1
+    assert torch.equal(seen, torch.ones(k, n, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("name", ["full", "L1", "embed", "unembed"])
+def test_vmapped_chains_equal_the_per_chain_loop(name, device):
+    """CachedGroup's accelerator form (one vmapped forward, explicit attention pattern) = its CPU loop."""
+    params, (train, _, _) = _setup(CFG)
+    params = {k: v.to(device) for k, v in params.items()}
+    comp = component(CFG, name)
+    tokens = train[:3].unsqueeze(0).to(device)
+    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i)).to(device)
+                     for i in range(3)]).requires_grad_()
+    out = []
+    for vmap_chains in (True, False):
+        group = CachedGroup(params, CFG, comp, vmap_chains)
+        with torch.no_grad():
+            nll = group.losses(w, slice(0, 3), group.prepare(tokens))
+        mean = group.losses(w, slice(0, 3), group.prepare(tokens), mean=True)
+        torch.testing.assert_close(mean, nll.mean(dim=(1, 2)), rtol=0, atol=1e-6)
+        out.append((nll, torch.autograd.grad(mean.sum(), w)[0]))
+    assert out[0][0].shape == (3, 3, 8)
+    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)
+
+
+def test_bf16_forward_stays_near_fp32(device):
+    """forward_dtype=bfloat16 (autocast) runs every group and keeps losses and gradients in fp32 sums."""
+    params, (train, obs, probe) = _setup(CFG_MLP)
+    names = ["L*H*", "L1", "full"]
+    fp32 = run_unit(CFG_MLP, params, names, [0], SAMPLER, train, obs, probe, seed=2, device=device)
+    bf16 = run_unit(CFG_MLP, params, names, [0], SamplerConfig(**{**SAMPLER.__dict__, "forward_dtype": "bfloat16"}),
+                    train, obs, probe, seed=2, device=device)
+    for key in fp32:
+        assert np.isfinite(bf16[key].g_trace).all() and not bf16[key].diverged
+        np.testing.assert_allclose(bf16[key].a_star, fp32[key].a_star)  # references are always fp32
+        np.testing.assert_allclose(bf16[key].g_trace, fp32[key].g_trace, atol=0.05, err_msg=str(key))

@@ -43,11 +43,11 @@ def test_token_shards_concatenate():
         np.testing.assert_array_equal(getattr(shards, field), getattr(whole, field))
 
 
-def test_device_accumulator_matches_numpy():
+def test_device_accumulator_matches_numpy(device):
     g, a = _draws(3, n=6, t=4)
-    acc = init_accumulator(1, 4, 6, "cpu")
+    acc = init_accumulator(1, 4, 6, device)
     for d in range(6):
-        add_draw(acc, d, torch.tensor([g[d]]), torch.tensor(a[d:d + 1]))
+        add_draw(acc, d, torch.tensor([g[d]], device=device), torch.tensor(a[d:d + 1], device=device))
     got, want = to_chain_stats(acc, 2.0, np.zeros(4))[0], from_draws(g, a, 2.0, np.zeros(4))
     np.testing.assert_allclose(got.sum_ga, want.sum_ga, rtol=1e-12)
     np.testing.assert_allclose(got.sum_a2, want.sum_a2, rtol=1e-12)

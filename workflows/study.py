@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import hydra
@@ -22,11 +22,12 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from susc_core.adapters.engine import peak_memory_mib, run_adapter_unit
+from susc_core.adapters.engine import run_adapter_unit
 from susc_core.adapters.load import load_adapter
 from susc_core.components import expand_names
 from susc_core.engine import NUMERICS_VERSION, run_unit
 from susc_core.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
+from susc_core.memory import peak_memory_mib
 from workflows import outputs
 from workflows.execute import RunReport, run_units
 from workflows.plan import WorkUnit, plan_units
@@ -50,7 +51,10 @@ def unit_task(unit: WorkUnit, shared: dict) -> dict:
             shared["probe_shards"][unit.shard], shared["seed"])
     device = resolve_device(shared["device"])  # resolved where the unit runs
     if shared["adapter"] is None:
-        stats = run_unit(shared["model_cfg"], shared["w_star"], *args, device=device)
+        model_cfg = shared["model_cfg"]
+        if device.type == "cuda":
+            model_cfg = replace(model_cfg, loss_chunk_tokens=shared["cuda_loss_chunk_tokens"])  # speed only
+        stats = run_unit(model_cfg, shared["w_star"], *args, device=device)
     else:
         stats = run_adapter_unit(load_adapter(shared["adapter"]), *args, device=device,
                                  memory_budget_mib=shared["memory_budget_mib"])
@@ -96,7 +100,8 @@ def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
     if len(shards) != cfg.units.probe_shards:
         raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
     return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "adapter": inputs.adapter,
-            "memory_budget_mib": cfg.model.memory_budget_mib, "sampler": cfg.sampler, "train": inputs.train,
+            "memory_budget_mib": cfg.model.memory_budget_mib, "cuda_loss_chunk_tokens": cfg.model.cuda_loss_chunk_tokens,
+            "sampler": cfg.sampler, "train": inputs.train,
             "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": cfg.model.device}
 
 

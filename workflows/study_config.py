@@ -34,6 +34,7 @@ class ModelSection:
     attn_implementation: str = "eager"  # hf: vmap has no batching rule for fused SDPA
     shared_kv: bool = True  # hf GQA: a head holds the k/v rows of its KV group
     loss_chunk_tokens: int = 256  # most token rows of the vocab logits held at once (256 is fastest on CPU)
+    cuda_loss_chunk_tokens: int = 65536  # the same on a GPU (bundled model): whole chains per launch
     memory_budget_mib: int | None = None  # adapters: chains per gradient pass sized to fit this
 
 

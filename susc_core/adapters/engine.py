@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import resource
 from functools import partial
 
 import torch
@@ -23,13 +22,13 @@ from ..accumulator import to_chain_stats
 from ..chains import reference_values, sample_chains
 from ..diagnostics import enforce_divergence_policy
 from ..engine import check_contexts
+from ..memory import MIB, peak_memory_mib
 from ..seeds import chain_streams
 from ..sgld import SamplerConfig
 from ..stats import ChainStats
 from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
 
 log = logging.getLogger(__name__)
-MIB = 2**20
 CHAIN_STATE_BUFFERS = 5  # [dim] float32 buffers per chain in an SGLD step: w, grad, noise, drift, new w
 
 
@@ -84,19 +83,6 @@ def chains_per_pass_for_budget(group: AdapterGroup, w_star: torch.Tensor, tokens
         raise ValueError(f"memory_budget_mib={memory_budget_mib:g} is below the {(shared + per_chain) / MIB:.1f} MiB "
                          f"one chain needs; raise it, or lower sampler.batch_size or the context length")
     return fit
-
-
-def reset_peak_memory(device: torch.device | str) -> None:
-    """Reset the CUDA peak counter (the CPU peak RSS is per process and cannot be reset)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_mib(device: torch.device | str) -> float:
-    """Peak memory in MiB: ``torch.cuda.max_memory_allocated`` on CUDA, the process's peak RSS on CPU."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / MIB
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MIB  # Linux reports KiB
 
 
 def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
