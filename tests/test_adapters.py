@@ -169,10 +169,10 @@ def _assert_same_stats(x, y, atol=1e-7):
         np.testing.assert_allclose(getattr(x, field), getattr(y, field), rtol=1e-5, atol=atol, err_msg=field)
 
 
-def test_chain_alone_equals_chain_in_group(llama):
+def test_chain_alone_equals_chain_in_group(llama, device):
     train, obs, probe = _contexts()
-    group = run_adapter_unit(llama, ["L1H1", "L0.mlp"], [0, 1, 2], _sampler(), train, obs, probe, seed=5)
-    alone = run_adapter_unit(llama, ["L0.mlp"], [1], _sampler(), train, obs, probe, seed=5)
+    group = run_adapter_unit(llama, ["L1H1", "L0.mlp"], [0, 1, 2], _sampler(), train, obs, probe, seed=5, device=device)
+    alone = run_adapter_unit(llama, ["L0.mlp"], [1], _sampler(), train, obs, probe, seed=5, device=device)
     _assert_same_stats(group["L0.mlp", 1], alone["L0.mlp", 1])
     assert group["L1H1", 0].count == 3 and np.any(group["L1H1", 0].g_trace != 0)
     assert not np.allclose(group["L1H1", 0].g_trace, group["L1H1", 1].g_trace)  # distinct noise streams
@@ -211,13 +211,25 @@ def test_bundled_adapter_reproduces_engine_run_unit():
         _assert_same_stats(ours[key], engine[key], atol=2e-6)
 
 
-def test_bfloat16_forward_keeps_fp32_reference(llama):
+def test_bfloat16_forward_keeps_fp32_reference(llama, device):
     train, obs, probe = _contexts()
-    fp32 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(), train, obs, probe, seed=1)
-    bf16 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(forward_dtype="bfloat16"), train, obs, probe, seed=1)
+    fp32 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(), train, obs, probe, seed=1, device=device)
+    bf16 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(forward_dtype="bfloat16"), train, obs, probe, seed=1,
+                            device=device)
     a, b = fp32["L1H0", 0], bf16["L1H0", 0]
     assert a.loss_star == b.loss_star and np.all(np.isfinite(b.g_trace))
     assert np.abs(a.g_trace - b.g_trace).max() < 0.05 * max(np.abs(a.g_trace).max(), 1e-3) + 1e-3
+
+
+@pytest.mark.parametrize("which", ["gpt2", "llama"])
+def test_per_token_loss_on_the_device_equals_the_cpu(which, device, request):
+    """Parameters and tokens on ``device``: the module's buffers follow them (the module stays put)."""
+    adapter = request.getfixturevalue(which)
+    tokens = _tokens()
+    on_device = adapter.per_token_loss({k: v.to(device) for k, v in adapter.params().items()}, tokens.to(device))
+    assert on_device.device.type == torch.device(device).type
+    torch.testing.assert_close(on_device.cpu(), adapter.per_token_loss(adapter.params(), tokens), rtol=1e-5, atol=1e-5)
+    assert next(adapter.module.parameters()).device.type == "cpu"
 
 
 def test_tl_adapter():

@@ -167,6 +167,7 @@ class ModuleAdapter:
         self.module = module.eval()
         self.loss_chunk_tokens = loss_chunk_tokens
         self._bound = _Bound(module, self._loss)
+        self._buffers_on: dict[torch.device, dict[str, torch.Tensor]] = {}  # the module's buffers, per device
 
     # architecture hooks -------------------------------------------------------------------------
     def head_mask(self, layer: int, head: int) -> Mask:
@@ -204,7 +205,14 @@ class ModuleAdapter:
         """l_xy in nats: tokens [batch, seq] -> [batch, seq-1] (position t predicts t+1), float32."""
         if tokens.shape[-1] - 1 > self.n_ctx:
             raise ValueError(f"contexts of {tokens.shape[-1]} tokens exceed the model's n_ctx + 1 = {self.n_ctx + 1}")
-        return functional_call(self._bound, params, (tokens,))
+        return functional_call(self._bound, (params, self._buffers(tokens.device)), (tokens,))
+
+    def _buffers(self, device: torch.device) -> dict[str, torch.Tensor]:
+        """The module's buffers (rotary frequencies, causal masks) on ``device``, copied once per device: the
+        module itself stays where it was loaded."""
+        if device not in self._buffers_on:
+            self._buffers_on[device] = {k: b.to(device) for k, b in self._bound.named_buffers()}
+        return self._buffers_on[device]
 
     def component_names(self) -> list[str]:
         names = [f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads)]
