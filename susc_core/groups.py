@@ -70,7 +70,8 @@ class CachedGroup(HonestGroup):
     def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, vmap_chains: bool = False):
         super().__init__(params, cfg, comp)
         self.vmap_chains = vmap_chains
-        self.explicit_pattern = {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern for l in range(cfg.n_layers)}
+        self.explicit_pattern = {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern
+                                 for l in range(cfg.n_layers)}
 
     def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if any(p == "embed.W_E" for p, _ in self.comp.slices):
