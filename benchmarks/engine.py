@@ -6,10 +6,11 @@
 Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
 the sequential reference plan (all chains and draws of one head per layer and of the full run, each
 head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both the
-honest-path FLOPs (full forward per chain) and the FLOPs the batched engine actually executes, the FLOP/s they imply against a torch
-matmul peak measured in the same run, and peak memory at two draw counts (fresh subprocesses; RSS on the
-CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU, ``--cpu-sequential-threads N`` also times the
-sequential reference on the host CPU with N threads, for the GPU-engine-vs-CPU-reference ratio.
+honest-path FLOPs (full forward per chain) and the FLOPs the batched engine actually executes, the
+FLOP/s they imply against a torch matmul peak measured in the same run, and peak memory at two draw
+counts (fresh subprocesses; RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU,
+``--cpu-sequential-threads N`` also times the sequential reference on the host CPU with N threads (and
+the CPU's block size), for the GPU-engine-vs-CPU-reference ratio.
 On a CPU shared with other jobs, ``--threads 1`` avoids OpenMP oversubscription (2 threads on 2 busy
 cores ran the engine several times slower than 1 thread in our measurements).
 """
@@ -147,6 +148,9 @@ def main():
                     help="n of the n x n x n matmul-peak product (default 1024 on a CPU, 8192 on a GPU: fills it)")
     ap.add_argument("--cpu-sequential-threads", type=int, default=0,
                     help="with a GPU --device, also time the sequential reference on the host CPU (N threads)")
+    ap.add_argument("--cpu-chunk-tokens", type=int, default=None,
+                    help="rows of vocabulary logits per block of that CPU reference (default: the GPU run's; on a "
+                         "16-thread host large blocks ran 1.5x faster than the 1-thread optimum of 256)")
     ap.add_argument("--memory-child", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
@@ -182,9 +186,12 @@ def main():
     if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
         gpu_threads = torch.get_num_threads()
         torch.set_num_threads(args.cpu_sequential_threads)
-        t_cpu, per_chain_draw_cpu = sequential_seconds(cfg, params, sampler, train, obs, probe, "cpu")
+        args.cpu_chunk_tokens = args.cpu_chunk_tokens or args.chunk_tokens
+        cpu_cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.cpu_chunk_tokens)
+        t_cpu, per_chain_draw_cpu = sequential_seconds(cpu_cfg, params, sampler, train, obs, probe, "cpu")
         torch.set_num_threads(gpu_threads)
         cpu_reference = {"cpu_sequential_threads": args.cpu_sequential_threads,
+                         "cpu_chunk_tokens": args.cpu_chunk_tokens,
                          "cpu_sequential_units_per_s": units / t_cpu,
                          "cpu_sequential_s_per_chain_draw": per_chain_draw_cpu,
                          "speedup_vs_cpu_sequential": t_cpu / t_batched}
