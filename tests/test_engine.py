@@ -194,4 +194,4 @@ def test_bf16_forward_stays_near_fp32(device):
     for key in fp32:
         assert np.isfinite(bf16[key].g_trace).all() and not bf16[key].diverged
         np.testing.assert_allclose(bf16[key].a_star, fp32[key].a_star)  # references are always fp32
-        np.testing.assert_allclose(bf16[key].g_trace, fp32[key].g_trace, atol=0.05, err_msg=str(key))
+        np.testing.assert_allclose(bf16[key].g_trace, fp32[key].g_trace, atol=2e-3, err_msg=str(key))  # |g| ~ 0.01-0.1
