@@ -36,6 +36,7 @@ from susc_core.engine import run_unit  # noqa: E402
 from susc_core.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
 from susc_core.model import ModelConfig, init_params  # noqa: E402
 from susc_core.sgld import SamplerConfig  # noqa: E402
+from workflows.study_config import ModelSection  # noqa: E402
 
 ASSET = ROOT / "susc_core" / "assets" / "default_model.safetensors"
 
@@ -141,8 +142,8 @@ def main():
     ap.add_argument("--probe", type=int, default=8, help="probe contexts")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     ap.add_argument("--chunk-tokens", type=int, default=None,
-                    help="rows of vocabulary logits per block (default 256 on a CPU: a cache-sized block; 65536 on a "
-                         "GPU: whole chains per launch); changes speed, not results")
+                    help="rows of vocabulary logits per block (default: the study's model.loss_chunk_tokens on a CPU, "
+                         "model.cuda_loss_chunk_tokens on a GPU); changes speed, not results")
     ap.add_argument("--memory-draws", type=int, nargs=2, default=(1, 5), help="draw counts of the memory check")
     ap.add_argument("--peak-size", type=int, default=None,
                     help="n of the n x n x n matmul-peak product (default 1024 on a CPU, 8192 on a GPU: fills it)")
@@ -156,7 +157,10 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg, params, source = model()
-    args.chunk_tokens = args.chunk_tokens or (65536 if torch.device(args.device).type == "cuda" else 256)
+    study_model = ModelSection()
+    args.chunk_tokens = args.chunk_tokens or (study_model.cuda_loss_chunk_tokens
+                                              if torch.device(args.device).type == "cuda"
+                                              else study_model.loss_chunk_tokens)
     cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.chunk_tokens)
     seq = cfg.n_ctx
     gen = torch.Generator().manual_seed(1)

@@ -22,13 +22,8 @@ from torch.func import vmap
 
 from . import model as M
 from .components import Component, scatter, unflatten
-from .fused_nll import fused_nll
+from .fused_nll import chain_rows, fused_nll
 from .lowrank import final_map, inv_sigma
-
-
-def _rows(t: torch.Tensor, rows: slice) -> torch.Tensor:
-    """Rows of a per-chain cache tensor, or the shared one (leading axis 1)."""
-    return t if t.shape[0] == 1 else t[rows]
 
 
 def upstream(params: M.Params, cfg: M.ModelConfig, inputs: torch.Tensor, layer: int) -> torch.Tensor:
@@ -50,7 +45,7 @@ class HonestGroup:
         return tokens
 
     def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
-        tokens = _rows(cache, rows)
+        tokens = chain_rows(cache, rows)
         out = torch.stack([M.per_token_loss(scatter(self.params, self.comp, w[i]), self.cfg,
                                             tokens[0 if len(tokens) == 1 else i]) for i in range(len(w))])
         return out.mean(dim=(1, 2)) if mean else out
@@ -62,16 +57,14 @@ class CachedGroup(HonestGroup):
 
     vmap_chains: every chain on one ``vmap``-ped forward (one launch per op instead of one per chain:
     the faster form on an accelerator, where launches bound a small model). Attention then forms its
-    pattern explicitly (an identity ``hook_pattern``): the fused SDPA kernels have no vmap batching rule
-    and CUDA's backward fails under the fallback. On a CPU the per-chain loop with the fused kernel is
-    faster. Both are exact.
+    pattern explicitly (``model.explicit_pattern_hooks``). On a CPU the per-chain loop with the fused
+    kernel is faster. Both are exact.
     """
 
     def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, vmap_chains: bool = False):
         super().__init__(params, cfg, comp)
         self.vmap_chains = vmap_chains
-        self.explicit_pattern = {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern
-                                 for l in range(cfg.n_layers)}
+        self.explicit_pattern = M.explicit_pattern_hooks(cfg)
 
     def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         if any(p == "embed.W_E" for p, _ in self.comp.slices):
@@ -82,7 +75,7 @@ class CachedGroup(HonestGroup):
         return tokens, resid.view(g, b, s1 - 1, -1)
 
     def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor:
-        tokens, resid = (None if t is None else _rows(t, rows) for t in cache)
+        tokens, resid = (None if t is None else chain_rows(t, rows) for t in cache)
         k, shared = len(w), len(tokens) == 1
         start = 0 if resid is None else self.comp.layer
 
@@ -155,7 +148,7 @@ class HeadGroup:
     def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor], mean: bool = False) -> torch.Tensor:
         k, p = len(w), f"blocks.{self.layer}.attn"
         heads = self.heads[rows]
-        c = {name: _rows(t, rows) for name, t in cache.items()}
+        c = {name: chain_rows(t, rows) for name, t in cache.items()}
         g, b, s, d = c["x_v"].shape
         wt = unflatten(self.comp, w)
         flat = lambda t: t.reshape(t.shape[0], b * s, -1)  # noqa: E731

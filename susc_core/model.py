@@ -144,6 +144,13 @@ def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, 
     return torch.einsum("bqhe,hed->bqd", z, params[f"{p}.W_O"]) + params[f"{p}.b_O"]
 
 
+def explicit_pattern_hooks(cfg: ModelConfig) -> Hooks:
+    """Identity ``hook_pattern`` hooks on every layer: attention then forms its pattern explicitly, which
+    ``torch.func.vmap`` can batch (the fused SDPA kernels have no batching rule, and CUDA's backward
+    fails under vmap's fallback)."""
+    return {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern for l in range(cfg.n_layers)}
+
+
 def mlp(params: Params, layer: int, x_norm: torch.Tensor) -> torch.Tensor:
     """GELU MLP of one block: [batch, pos, d_model] -> [batch, pos, d_model]."""
     p = f"blocks.{layer}.mlp"

@@ -125,24 +125,41 @@ def test_fused_nll_rejects_half_a_base():
         fused_nll(x, w, beta, targets, 4, base=base)
 
 
-def test_lowrank_head_logits_equal_the_unembedding_path(device):
+def _moved_chains(name: str, n_chains: int, n_contexts: int, device):
+    """params, the component, n_chains perturbed copies of its coordinates [n_chains, dim] (leaf) and
+    shared tokens [1, n_contexts, S+1], on ``device``."""
     params, (train, _, _) = _setup(CFG)
     params = {k: v.to(device) for k, v in params.items()}
-    comp = component(CFG, "L1H0")
-    tokens = train[:4].unsqueeze(0).to(device)
-    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i)).to(device)
-                     for i in range(2)]).requires_grad_()
+    comp = component(CFG, name)
+    noise = [torch.randn(comp.dim, generator=torch.Generator().manual_seed(i)) for i in range(n_chains)]
+    w = torch.stack([gather(params, comp) + 0.05 * e.to(device) for e in noise]).requires_grad_()
+    return params, comp, w, train[:n_contexts].unsqueeze(0).to(device)
+
+
+def _losses_and_gradient(group, w, tokens):
+    """Per-token losses [k, B, S] and the gradient of the chains' summed mean losses in w; checks that
+    ``mean=True`` is the token mean."""
+    rows = slice(0, len(w))
+    with torch.no_grad():
+        nll = group.losses(w, rows, group.prepare(tokens))
+    mean = group.losses(w, rows, group.prepare(tokens), mean=True)
+    torch.testing.assert_close(mean, nll.mean(dim=(1, 2)), rtol=0, atol=1e-6)
+    return nll, torch.autograd.grad(mean.sum(), w)[0]
+
+
+def _assert_same_losses_and_gradient(a, b):
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-5)
+
+
+def test_lowrank_head_logits_equal_the_unembedding_path(device):
+    params, comp, w, tokens = _moved_chains("L1H0", 2, 4, device)
     out = []
     for lowrank in (True, False):
         group = HeadGroup(params, CFG, 1, comp, [0, 1], lowrank)
         assert group.lowrank == lowrank
-        with torch.no_grad():
-            nll = group.losses(w, slice(0, 2), group.prepare(tokens))
-        mean = group.losses(w, slice(0, 2), group.prepare(tokens), mean=True)
-        torch.testing.assert_close(mean, nll.mean(dim=(1, 2)), rtol=0, atol=1e-6)
-        out.append((nll.detach(), torch.autograd.grad(mean.sum(), w)[0]))
-    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)
+        out.append(_losses_and_gradient(group, w, tokens))
+    _assert_same_losses_and_gradient(*out)
 
 
 def test_fused_nll_rejects_mismatched_or_moving_base():
@@ -165,23 +182,10 @@ def test_fused_nll_blocks_cover_every_row_once(k, n, chunk):
 @pytest.mark.parametrize("name", ["full", "L1", "embed", "unembed"])
 def test_vmapped_chains_equal_the_per_chain_loop(name, device):
     """CachedGroup's accelerator form (one vmapped forward, explicit attention pattern) = its CPU loop."""
-    params, (train, _, _) = _setup(CFG)
-    params = {k: v.to(device) for k, v in params.items()}
-    comp = component(CFG, name)
-    tokens = train[:3].unsqueeze(0).to(device)
-    w = torch.stack([gather(params, comp) + 0.05 * torch.randn(comp.dim, generator=torch.Generator().manual_seed(i)).to(device)
-                     for i in range(3)]).requires_grad_()
-    out = []
-    for vmap_chains in (True, False):
-        group = CachedGroup(params, CFG, comp, vmap_chains)
-        with torch.no_grad():
-            nll = group.losses(w, slice(0, 3), group.prepare(tokens))
-        mean = group.losses(w, slice(0, 3), group.prepare(tokens), mean=True)
-        torch.testing.assert_close(mean, nll.mean(dim=(1, 2)), rtol=0, atol=1e-6)
-        out.append((nll, torch.autograd.grad(mean.sum(), w)[0]))
+    params, comp, w, tokens = _moved_chains(name, 3, 3, device)
+    out = [_losses_and_gradient(CachedGroup(params, CFG, comp, vmap_chains), w, tokens) for vmap_chains in (True, False)]
     assert out[0][0].shape == (3, 3, 8)
-    torch.testing.assert_close(out[0][0], out[1][0], rtol=0, atol=1e-5)
-    torch.testing.assert_close(out[0][1], out[1][1], rtol=0, atol=1e-5)
+    _assert_same_losses_and_gradient(*out)
 
 
 def test_bf16_forward_stays_near_fp32(device):

@@ -153,8 +153,9 @@ def train(cfg: TrainAppConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", seq=phase.seq_len)
         done = step + 1
         if done % cfg.eval_every == 0 or done == steps:
-            losses = domain_losses(model.params(), cfg.arch, evals)
-            cpu_params = {k: v.detach().cpu() for k, v in model.params().items()}
+            params_now = model.params()
+            losses = domain_losses(params_now, cfg.arch, evals)
+            cpu_params = {k: v.detach().cpu() for k, v in params_now.items()}
             roles = repeat_test_scores(cpu_params, cfg.arch, np.random.default_rng([cfg.seed, 1]),
                                        cfg.head_scores.n_seqs, cfg.head_scores.half_len)
             log.info("step %d/%d loss %.3f | %s | best induction %.2f previous-token %.2f", done, steps, loss,

@@ -21,8 +21,7 @@ class BundledAdapter:
             raise ValueError(f"w_star does not match cfg; differing parameter names: {sorted(missing)}")
         self.w_star, self.cfg = w_star, cfg
         self.d_vocab, self.n_ctx, self.loss_chunk_tokens = cfg.d_vocab, cfg.n_ctx, cfg.loss_chunk_tokens
-        # an explicit attention pattern: vmap (run_adapter_unit) has no batching rule for the fused kernel
-        self.explicit_attention = {f"blocks.{l}.attn.hook_pattern": lambda p: p for l in range(cfg.n_layers)}
+        self.explicit_attention = M.explicit_pattern_hooks(cfg)  # run_adapter_unit vmaps this model
 
     def params(self) -> Params:
         """fp32 detached copies of every parameter, in ``param_shapes`` order."""
