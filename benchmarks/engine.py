@@ -5,9 +5,10 @@
 
 Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
 the sequential reference plan (all chains and draws of one head per layer and of the full run, each
-head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both the
-honest-path FLOPs (full forward per chain) and the FLOPs the batched engine actually executes, the
-FLOP/s they imply against a torch matmul peak measured in the same run, and peak memory at two draw
+head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both those the
+sequential reference executes (full forward per chain) and those the batched engine executes (their ratio
+bounds the speedup at equal efficiency), the FLOP/s they imply against a torch matmul peak measured in the
+same run, and peak memory at two draw
 counts (fresh subprocesses; RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU,
 ``--cpu-sequential-threads N`` also times the sequential reference on the host CPU with N threads (and
 the CPU's block size), for the GPU-engine-vs-CPU-reference ratio.
@@ -71,18 +72,36 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Multiply-adds x 2 of one forward per token (attention over the full causal square)."""
+def layer_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Multiply-adds x 2 of one block's forward per token (attention over the full causal square)."""
     h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-    layer = 2 * (3 * d * h * e + h * e * d) + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
-    return cfg.n_layers * layer + 2 * d * cfg.d_vocab
+    return 2 * 4 * d * h * e + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
 
 
-def unit_flops(cfg, sampler, seq, n_obs_tokens):
-    """Honest-path FLOPs of one (component, chain, draw): forward + backward (2x) per step, forwards per draw."""
-    f = forward_flops_per_token(cfg, seq)
-    per_step = 3 * f * sampler.batch_size * seq
-    return per_step * sampler.steps_between_draws + f * n_obs_tokens
+def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
+    """Multiply-adds x 2 of one forward per token, embedding to logits."""
+    return cfg.n_layers * layer_flops_per_token(cfg, seq) + 2 * cfg.d_model * cfg.d_vocab
+
+
+def reference_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
+    """Matmul FLOPs the sequential reference executes per unit, averaged over the components (heads of
+    ``head_layers`` + full). A step is one chain's full forward, the unembedding's input gradient (formed
+    in its forward by ``fused_nll``; no logits recomputed), and the backward through the blocks above the
+    component (input gradients: projections 1x, attention 2x its forward) and into the component's own
+    weights; the full run also forms every weight gradient (1x each matmul). A draw adds one forward per
+    observable token."""
+    h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
+    layer = layer_flops_per_token(cfg, seq)
+    attention = 2 * 2 * seq * h * e
+    layer_input_grads = layer + attention
+    forward, unembed = forward_flops_per_token(cfg, seq), 2 * d * v
+    head_grads = 2 * 4 * d * e + 2 * (2 * 2 * seq * e)  # its four weight slices, its attention's inputs
+    step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
+    heads = [(forward + unembed + (cfg.n_layers - 1 - l) * layer_input_grads + head_grads) * step_tokens
+             + forward * n_obs_tokens for l in head_layers]
+    full = ((forward + 2 * unembed + cfg.n_layers * (layer_input_grads + (layer - attention))) * step_tokens
+            + forward * n_obs_tokens)
+    return (sum(heads) + full) / (len(heads) + 1)
 
 
 def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
@@ -95,7 +114,7 @@ def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
     [2·d_head, d_vocab] product, plus the shared d_model-wide product at w* once per token for all the
     chains of its layer. Shared upstream activations (once per step for all chains) are not counted."""
     h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
-    layer = 2 * 4 * d * h * e + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
+    layer = layer_flops_per_token(cfg, seq)
     head = 2 * 3 * d * e + 2 * 2 * seq * e + 2 * 2 * e * d
     unembed = 2 * d * v
     step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
@@ -201,8 +220,9 @@ def main():
                          "speedup_vs_cpu_sequential": t_cpu / t_batched}
     t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
     n_obs_tokens = (args.obs + args.probe) * seq
-    flops = unit_flops(cfg, sampler, seq, n_obs_tokens)
-    executed = executed_flops(cfg, sampler, seq, n_obs_tokens, [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)])
+    head_layers = [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)]
+    flops = reference_flops(cfg, sampler, seq, n_obs_tokens, head_layers)
+    executed = executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers)
     memory = {}
     for draws in args.memory_draws:
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--obs", str(args.obs), "--probe",
@@ -222,11 +242,12 @@ def main():
         "speedup_bf16_vs_sequential": t_seq / t_bf16,
         "sequential_s_per_chain_draw": per_chain_draw,
         **cpu_reference,
-        "honest_flops_per_unit": flops,
-        "matmul_peak_size": peak_size, "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
-        "batched_honest_equiv_flops_per_s": flops * units / t_batched,
-        "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
+        "sequential_flops_per_unit": flops,
         "executed_flops_per_unit": executed,
+        "flop_ratio_sequential_over_batched": flops / executed,
+        "matmul_peak_size": peak_size, "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
+        "batched_sequential_equiv_flops_per_s": flops * units / t_batched,
+        "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
         "batched_executed_flops_per_s": executed * units / t_batched,
         "batched_executed_fraction_of_fp32_peak": executed * units / t_batched / peak,
         "sequential_fraction_of_fp32_peak": flops * units / t_seq / peak,

@@ -82,14 +82,16 @@ class FusedNLL(torch.autograd.Function):
                 base_c, base_for = _times_w(chain_rows(base, ch)[:, c], w_base[None]), c
             if base is not None:
                 pre += base_c
+            if need_scale:  # the target's pre-scale logit, before pre becomes the logits in place
+                pre_t = pre.gather(2, t_b[..., None])[..., 0]
             if scale_b is None:
                 logits = pre
-            else:
-                logits = torch.addcmul(beta, pre, scale_b) if need_scale else pre.mul_(scale_b).add_(beta)
+            else:  # in place unless autocast handed low-precision products
+                logits = torch.addcmul(beta, pre, scale_b, out=pre if pre.dtype == acc else None)
             # one fused, row-local pass over the block; in place unless autocast handed low-precision logits
             in_place = logits.dtype == acc
             logp = torch.log_softmax(logits, 2, out=logits) if in_place else torch.log_softmax(logits, 2, dtype=acc)
-            del logits  # (pre survives when the scale gradient needs it)
+            del logits, pre
             nll[ch, c] = logp.gather(2, t_b[..., None])[..., 0].neg_()
             if not (need_x or need_w or need_beta or need_scale):
                 continue
@@ -100,18 +102,22 @@ class FusedNLL(torch.autograd.Function):
             if need_beta:
                 grad_beta[ch] += prob.sum(dim=1)
                 grad_beta[ch].scatter_add_(1, t_b, torch.full(t_b.shape, -1.0, dtype=acc, device=t_b.device))
-            if need_scale:
-                pre_t = pre.gather(2, t_b[..., None])[..., 0]
-                jac_scale[ch, c] = pre.mul_(prob).sum(dim=2).sub_(pre_t)  # pre not needed again
-            if need_x:
+            if need_x or need_scale:
                 w_t = w_b.transpose(1, 2)  # [1 or kb, V, r]
+                prob_w = _times_w(prob, w_t)  # P @ w^T [kb, cb, r]
+            if need_scale:  # sum_v P_v pre_v - pre_t with pre = base_c + x w: the x w part is x . (P @ w^T)
+                jac_scale[ch, c] = torch.einsum("kcr,kcr->kc", x_b.to(prob_w.dtype), prob_w) - pre_t
+            if need_x:
                 onehot_x = w_t[0][t_b] if len(w_b) == 1 else w_t.gather(1, t_b[..., None].expand(-1, -1, r))
-                jac_x[ch, c] = (_times_w(prob, w_t) - onehot_x) if scale_b is None else (
-                    _times_w(prob, w_t).sub_(onehot_x).mul_(scale_b))
+                jac_x[ch, c] = (prob_w - onehot_x) if scale_b is None else prob_w.sub_(onehot_x).mul_(scale_b)
             if need_w:
                 x_s = (x_b if scale_b is None else x_b * scale_b).transpose(1, 2)  # [kb, r, cb]
                 grad_w[ch] += torch.bmm(x_s, prob)  # out of place: may be bf16
                 grad_w[ch].scatter_add_(2, t_b[:, None].expand(-1, r, -1), -x_s.to(grad_w.dtype))
+            if need_scale and base is not None:  # + sum_v P_v base_c_v: a row dot, two reads of the block
+                # (a base_c shared by several chains is multiplied into the spent P instead: no broadcast copy)
+                jac_scale[ch, c] += (torch.einsum("kcv,kcv->kc", prob, base_c.to(prob.dtype)) if len(base_c) == kb
+                                     else prob.mul_(base_c).sum(dim=2))
         if mean:
             nll = nll.mean(dim=1)
             for t in (jac_x, jac_scale, grad_w, grad_beta):

@@ -1,8 +1,8 @@
 """Loss functions for stacks of chains (the ``chains.Group`` protocol), honest and structured.
 
-- ``HonestGroup``: one full forward per chain from the embedding (the sequential reference).
 - ``CachedGroup``: any component; the residual entering the component's first block is computed
   once per context at w* and shared by every chain (it does not change in a restricted run).
+- ``HonestGroup``: one full forward per chain from the embedding (the sequential reference).
 - ``HeadGroup``: heads of one layer, all chains on an explicit chain axis: only the moving head is
   recomputed per chain; the rest of the layer's output is cached; for heads of the last attention-only
   block the logits come through the low-rank change (``lowrank``).
@@ -35,25 +35,10 @@ def upstream(params: M.Params, cfg: M.ModelConfig, inputs: torch.Tensor, layer: 
     return resid
 
 
-class HonestGroup:
-    """Chains of one component, each an independent full forward with gradients only for its coordinates."""
-
-    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component):
-        self.params, self.cfg, self.comp = params, cfg, comp
-
-    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
-        return tokens
-
-    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
-        tokens = chain_rows(cache, rows)
-        out = torch.stack([M.per_token_loss(scatter(self.params, self.comp, w[i]), self.cfg,
-                                            tokens[0 if len(tokens) == 1 else i]) for i in range(len(w))])
-        return out.mean(dim=(1, 2)) if mean else out
-
-
-class CachedGroup(HonestGroup):
-    """Like ``HonestGroup`` but starting from the cached residual before the component's first block
-    (components holding W_E change that residual, so they start from their own embedding).
+class CachedGroup:
+    """Chains of any component, starting from the residual before the component's first block, computed
+    once per context at w* (components holding W_E change that residual, so they start from their own
+    embedding). Gradients flow only to the component's coordinates.
 
     vmap_chains: every chain on one ``vmap``-ped forward (one launch per op instead of one per chain:
     the faster form on an accelerator, where launches bound a small model). Attention then forms its
@@ -62,7 +47,7 @@ class CachedGroup(HonestGroup):
     """
 
     def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, vmap_chains: bool = False):
-        super().__init__(params, cfg, comp)
+        self.params, self.cfg, self.comp = params, cfg, comp
         self.vmap_chains = vmap_chains
         self.explicit_pattern = M.explicit_pattern_hooks(cfg)
 
@@ -102,6 +87,16 @@ class CachedGroup(HonestGroup):
                                        targets[0 if shared else i][None], self.cfg.loss_chunk_tokens, mean=mean)
                              for i in range(k)])
         return nll if mean else nll.view(k, tokens.shape[1], -1)
+
+
+class HonestGroup(CachedGroup):
+    """The sequential reference: a full forward from the embedding at every call, nothing cached or shared
+    (``plan_reference`` gives each chain its own group). The vocabulary goes through the same fused kernel
+    as the batched groups (``fused_nll``: one log-softmax pass, no recomputed logits), so the reference is
+    a best-effort per-chain implementation and the batched plan's lead is its structure alone."""
+
+    def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return tokens, None
 
 
 def _project(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,8 @@ from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
+
+from .chunked_nll import chunked_nll
 
 Params = dict[str, torch.Tensor]
 Hooks = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
@@ -119,6 +120,14 @@ def attention_inputs(params: Params, cfg: ModelConfig, layer: int, resid: torch.
     return layer_norm(resid + pos, w, b, cfg.ln_eps), layer_norm(resid, w, b, cfg.ln_eps)
 
 
+def head_projection(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Every head's projection of x [..., pos, d_model] by w [n_heads, d_model, d_head] plus b [n_heads, d_head]:
+    one matmul with the bias in it, returned as [..., n_heads, pos, d_head] (a view)."""
+    h, d, e = w.shape
+    y = F.linear(x, w.permute(0, 2, 1).reshape(h * e, d), b.reshape(h * e))
+    return y.unflatten(-1, (h, e)).transpose(-3, -2)
+
+
 def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, x_v: torch.Tensor,
               hooks: Hooks | None = None) -> torch.Tensor:
     """Causal multi-head attention of one layer.
@@ -129,9 +138,9 @@ def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, 
     (``scaled_dot_product_attention``) computes the same z.
     """
     p = f"blocks.{layer}.attn"
-    q = torch.einsum("bpd,hde->bhpe", x_qk, params[f"{p}.W_Q"]) + params[f"{p}.b_Q"][:, None]
-    k = torch.einsum("bpd,hde->bhpe", x_qk, params[f"{p}.W_K"]) + params[f"{p}.b_K"][:, None]
-    v = torch.einsum("bpd,hde->bhpe", x_v, params[f"{p}.W_V"]) + params[f"{p}.b_V"][:, None]
+    q = head_projection(x_qk, params[f"{p}.W_Q"], params[f"{p}.b_Q"])
+    k = head_projection(x_qk, params[f"{p}.W_K"], params[f"{p}.b_K"])
+    v = head_projection(x_v, params[f"{p}.W_V"], params[f"{p}.b_V"])
     if hooks and f"{p}.hook_pattern" in hooks:
         scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
         n = x_v.shape[-2]
@@ -140,8 +149,9 @@ def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, 
         z = pattern @ v
     else:
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    z = _hook(hooks, f"{p}.hook_z", z.transpose(1, 2))  # [batch, pos, head, d_head]
-    return torch.einsum("bqhe,hed->bqd", z, params[f"{p}.W_O"]) + params[f"{p}.b_O"]
+    z = _hook(hooks, f"{p}.hook_z", z.transpose(-3, -2))  # [batch, pos, head, d_head]
+    w_o = params[f"{p}.W_O"]  # [head, d_head, d_model]
+    return F.linear(z.flatten(-2), w_o.reshape(-1, w_o.shape[-1]).T, params[f"{p}.b_O"])
 
 
 def explicit_pattern_hooks(cfg: ModelConfig) -> Hooks:
@@ -201,32 +211,6 @@ def logits(params: Params, cfg: ModelConfig, tokens: torch.Tensor, hooks: Hooks 
     return final_norm(params, cfg, tokens, hooks) @ params["unembed.W_U"] + params["unembed.b_U"]
 
 
-def _chunk_nll(x: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    chunk_logits = x @ w_u + b_u
-    picked = chunk_logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return torch.logsumexp(chunk_logits, dim=-1) - picked
-
-
-def unembed_nll(x_norm: torch.Tensor, w_u: torch.Tensor, b_u: torch.Tensor, targets: torch.Tensor,
-                chunk_tokens: int) -> torch.Tensor:
-    """Per-token negative log-likelihood in nats, never holding more than ``chunk_tokens`` rows of logits.
-
-    x_norm: [..., d_model] normalised final residual; targets: [...] token ids. Returns [...].
-    Under autograd each chunk is recomputed in the backward pass, so the logits are not kept either.
-    """
-    lead = targets.shape
-    flat_x = x_norm.reshape(-1, x_norm.shape[-1])
-    flat_t = targets.reshape(-1)
-    pieces = []
-    for start in range(0, flat_t.shape[0], chunk_tokens):
-        args = (flat_x[start:start + chunk_tokens], w_u, b_u, flat_t[start:start + chunk_tokens])
-        if torch.is_grad_enabled() and flat_t.shape[0] > chunk_tokens:
-            pieces.append(checkpoint(_chunk_nll, *args, use_reentrant=False))
-        else:
-            pieces.append(_chunk_nll(*args))
-    return torch.cat(pieces).reshape(lead)
-
-
 def per_token_loss(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
                    hooks: Hooks | None = None) -> torch.Tensor:
     """Per-token loss l_xy = -log p(y|x, w) in nats.
@@ -234,7 +218,7 @@ def per_token_loss(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
     tokens: [batch, seq] ids; position t predicts tokens[:, t+1]. Returns [batch, seq - 1].
     """
     x = final_norm(params, cfg, tokens[:, :-1], hooks)
-    return unembed_nll(x, params["unembed.W_U"], params["unembed.b_U"], tokens[:, 1:], cfg.loss_chunk_tokens)
+    return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], cfg.loss_chunk_tokens)
 
 
 class Transformer(torch.nn.Module):

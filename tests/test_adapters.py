@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch.func import vmap
 
 from susc_core import model as M
-from susc_core.adapters.base import chunked_nll, flat_indices, gather, scatter
+from susc_core.adapters.base import flat_indices, gather, scatter
+from susc_core.chunked_nll import chunked_nll
 from susc_core.adapters.bundled import BundledAdapter
 from susc_core.adapters.engine import chains_per_pass_for_budget, AdapterGroup, run_adapter_unit
 from susc_core.sgld import SamplerConfig

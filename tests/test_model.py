@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from susc_core.chunked_nll import chunked_nll
 from susc_core.model import (ModelConfig, Transformer, final_norm, init_params, logits, n_params,
-                             param_shapes, per_token_loss, unembed_nll)
+                             param_shapes, per_token_loss)
 
 TINY = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=32, loss_chunk_tokens=5)
 
@@ -83,12 +84,17 @@ def test_chunked_loss_equals_torch_cross_entropy(chunk):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def test_unembed_nll_handles_arbitrary_leading_shape():
-    x = torch.randn(2, 3, 4, 6)
-    w, b = torch.randn(6, 11), torch.randn(11)
+def test_chunked_nll_handles_arbitrary_leading_shape_and_gradients():
+    x = torch.randn(2, 3, 4, 6, requires_grad=True)
+    w, b = torch.randn(6, 11, requires_grad=True), torch.randn(11, requires_grad=True)
     t = torch.randint(0, 11, (2, 3, 4))
+    upstream = torch.randn(2, 3, 4)  # a per-token weighting, so the backward is exercised token by token
     ref = F.cross_entropy((x @ w + b).reshape(-1, 11), t.reshape(-1), reduction="none").reshape(2, 3, 4)
-    torch.testing.assert_close(unembed_nll(x, w, b, t, chunk_tokens=5), ref)
+    ours = chunked_nll(x, w.T, b, t, chunk_tokens=5)
+    torch.testing.assert_close(ours, ref)
+    for a, r in zip(torch.autograd.grad((ours * upstream).sum(), (x, w, b)),
+                    torch.autograd.grad((ref * upstream).sum(), (x, w, b))):
+        torch.testing.assert_close(a, r)
 
 
 def test_context_longer_than_n_ctx_is_rejected():

@@ -10,7 +10,8 @@ import torch
 
 from .. import components as C
 from .. import model as M
-from .base import WHOLE, Mask, Params, chunked_nll
+from ..chunked_nll import chunked_nll
+from .base import WHOLE, Mask, Params
 
 
 class BundledAdapter:
