@@ -50,8 +50,15 @@ def model():
     return cfg, init_params(cfg, torch.Generator().manual_seed(0)), "random init (no trained checkpoint found)"
 
 
-def matmul_peak(device, n: int, dtype=torch.float32, reps=20) -> float:
-    """FLOP/s of an n x n x n product in ``dtype`` under torch's current matmul precision (random data)."""
+def default_peak_size(device) -> int:
+    """n of the n x n x n matmul-peak product: 8192 fills a GPU, 1024 is at a CPU core's peak."""
+    return 8192 if torch.device(device).type == "cuda" else 1024
+
+
+def matmul_peak(device, n: int | None = None, dtype=torch.float32, reps=20) -> float:
+    """FLOP/s of an n x n x n product (default ``default_peak_size``) in ``dtype`` under torch's current
+    matmul precision (random data)."""
+    n = n or default_peak_size(device)
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
@@ -195,7 +202,7 @@ def main():
                  train, obs, probe, seed=0, device=args.device)
         print(peak_memory_mib(args.device))
         return
-    peak_size = args.peak_size or (8192 if torch.device(args.device).type == "cuda" else 1024)
+    peak_size = args.peak_size or default_peak_size(args.device)
     peak = matmul_peak(args.device, peak_size)
     peak_bf16 = matmul_peak(args.device, peak_size, torch.bfloat16)
     units = (len(heads) + 1) * len(chains) * args.draws
