@@ -114,10 +114,11 @@ class FusedNLL(torch.autograd.Function):
                 x_s = (x_b if scale_b is None else x_b * scale_b).transpose(1, 2)  # [kb, r, cb]
                 grad_w[ch] += torch.bmm(x_s, prob)  # out of place: may be bf16
                 grad_w[ch].scatter_add_(2, t_b[:, None].expand(-1, r, -1), -x_s.to(grad_w.dtype))
-            if need_scale and base is not None:  # + sum_v P_v base_c_v: a row dot, two reads of the block
-                # (a base_c shared by several chains is multiplied into the spent P instead: no broadcast copy)
-                jac_scale[ch, c] += (torch.einsum("kcv,kcv->kc", prob, base_c.to(prob.dtype)) if len(base_c) == kb
-                                     else prob.mul_(base_c).sum(dim=2))
+            if need_scale and base is not None:  # + sum_v P_v base_c_v: a row dot, two reads of the block, in
+                # fp32 even under autocast; a base_c shared by several chains is multiplied into the spent P instead
+                with torch.autocast(prob.device.type, enabled=False):
+                    jac_scale[ch, c] += (torch.einsum("kcv,kcv->kc", prob, base_c.to(prob.dtype)) if len(base_c) == kb
+                                         else prob.mul_(base_c).sum(dim=2))
         if mean:
             nll = nll.mean(dim=1)
             for t in (jac_x, jac_scale, grad_w, grad_beta):
