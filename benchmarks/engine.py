@@ -26,6 +26,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -79,64 +80,59 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def layer_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Multiply-adds x 2 of one block's forward per token (attention over the full causal square)."""
-    h, d, e = cfg.n_heads, cfg.d_model, cfg.d_head
-    return 2 * 4 * d * h * e + 2 * 2 * seq * h * e + (4 * d * cfg.d_mlp if cfg.d_mlp else 0)
+class TokenFlops(NamedTuple):
+    """Matmul FLOPs (multiply-adds x 2) per token and chain: an SGLD step's forward + backward, and an
+    observable's forward."""
+
+    step: float
+    obs: float
 
 
-def forward_flops_per_token(cfg: ModelConfig, seq: int) -> float:
-    """Multiply-adds x 2 of one forward per token, embedding to logits."""
-    return cfg.n_layers * layer_flops_per_token(cfg, seq) + 2 * cfg.d_model * cfg.d_vocab
+def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared_by: int = 1, pass_rows: int = 1,
+                call_tokens: tuple[int, int] = (1, 1)) -> TokenFlops:
+    """FLOPs per token and chain of one component in ``plan`` ("reference" or "batched"), counted from the
+    shapes as the code runs them: a head of ``layer`` (``HeadGroup``; the reference rebuilds its cache at every
+    call, ``HonestHeadGroup``) or, with ``layer=None``, the full run (both plans do the same work). Attention
+    counts the full causal square; its backward 2.5x its forward (flash attention recomputes the scores); the
+    blocks above a component need input gradients only; the unembedding's gradients are formed in its forward
+    (``fused_nll``). Batched heads share the layer at w* among ``shared_by`` chains (the heads of the layer x
+    chains) and, in the low-rank path of a last attention-only block, the d_model-wide logit product among
+    ``pass_rows`` chains of a pass; the low-rank basis is formed once per chain and call of ``call_tokens``
+    (step, observable) tokens."""
+    h, d, e, v, n = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.n_layers
+    proj, attn, mlp = 2 * 4 * d * h * e, 2 * 2 * seq * h * e, 4 * d * cfg.d_mlp
+    layer_fwd, layer_input_grads, unembed = proj + attn + mlp, proj + 2.5 * attn + mlp, 2 * d * v
+    forward = n * layer_fwd + unembed
+    if layer is None:
+        return TokenFlops(forward + 2 * unembed + n * (layer_input_grads + proj + mlp), forward)
+    above, reference = n - 1 - layer, plan == "reference"
+    head_attn = 2 * 2 * seq * e
+    head_fwd = 2 * 3 * d * e + head_attn + 2 * 2 * e * d  # q, k, v; attention; z W_O and z* W_O*
+    head_bwd = 2 * 4 * d * e + 2 * e * d + 2.5 * head_attn  # weight gradients of q, k, v, o; dz; attention
+    cached = (layer * layer_fwd + proj + attn) / (1 if reference else shared_by)  # the layer at w*, per step
+    if reference or above or cfg.d_mlp:
+        after = head_fwd + mlp + above * layer_fwd + unembed
+        step = cached + after + unembed + above * layer_input_grads + mlp + head_bwd
+        return TokenFlops(step, after + (cached if reference else 0))  # the batched plan caches fixed contexts
+    rank = 2 * e  # the low-rank logits (``lowrank``): forward, input and basis gradients of [2e, V] products
+    basis = 2 * e * d * v  # W_O Wc, formed per chain and call; its gradient costs as much
+    step = (cached + unembed / pass_rows + head_fwd + 3 * 2 * rank * v + 2 * v + 2 * rank + head_bwd
+            + 2 * basis / call_tokens[0])
+    return TokenFlops(step, head_fwd + 2 * rank * v + unembed / pass_rows + basis / call_tokens[1])
 
 
-def reference_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
-    """Matmul FLOPs the sequential reference executes per unit, averaged over the components (heads of
-    ``head_layers`` + full). A step is one chain's full forward, the unembedding's input gradient (formed
-    in its forward by ``fused_nll``; no logits recomputed), and the backward through the blocks above the
-    component (input gradients: projections 1x, attention 2x its forward) and into the component's own
-    weights; the full run also forms every weight gradient (1x each matmul). A draw adds one forward per
-    observable token."""
-    h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
-    layer = layer_flops_per_token(cfg, seq)
-    attention = 2 * 2 * seq * h * e
-    layer_input_grads = layer + attention
-    forward, unembed = forward_flops_per_token(cfg, seq), 2 * d * v
-    head_grads = 2 * 4 * d * e + 2 * (2 * 2 * seq * e)  # its four weight slices, its attention's inputs
-    step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
-    heads = [(forward + unembed + (cfg.n_layers - 1 - l) * layer_input_grads + head_grads) * step_tokens
-             + forward * n_obs_tokens for l in head_layers]
-    full = ((forward + 2 * unembed + cfg.n_layers * (layer_input_grads + (layer - attention))) * step_tokens
-            + forward * n_obs_tokens)
-    return (sum(heads) + full) / (len(heads) + 1)
-
-
-def executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers: list[int]):
-    """Matmul FLOPs the batched engine executes per unit, averaged over the components (heads of
-    ``head_layers`` + full): a head recomputes only itself (q, k, v, z·W_O and z*·W_O*), the blocks after
-    its layer and the unembedding. A step is forward + backward (2x), except that the unembedding's
-    gradients are formed in its forward (``fused_nll``): a head's needs the input gradient only (2x), the
-    full run's also the weight gradient (3x). A last-block head of an attention-only model takes its
-    logits through the rank-2·d_head change (``lowrank``): forward, input and basis gradients (3x) of a
-    [2·d_head, d_vocab] product, plus the shared d_model-wide product at w* once per token for all the
-    chains of its layer. Shared upstream activations (once per step for all chains) are not counted."""
-    h, d, e, v = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab
-    layer = layer_flops_per_token(cfg, seq)
-    head = 2 * 3 * d * e + 2 * 2 * seq * e + 2 * 2 * e * d
-    unembed = 2 * d * v
-    step_tokens = sampler.batch_size * seq * sampler.steps_between_draws
-
-    def logits(l: int, grad: bool) -> float:
-        """Unembedding FLOPs per token and chain of a head in layer l (grad: an SGLD step, else an observable)."""
-        if l == cfg.n_layers - 1 and not cfg.d_mlp:
-            shared = unembed / (head_layers.count(l) * sampler.n_chains)
-            return (3 if grad else 1) * 2 * (2 * e) * v + shared
-        return (2 if grad else 1) * unembed
-
-    heads = [(3 * (head + (cfg.n_layers - 1 - l) * layer) + logits(l, True)) * step_tokens
-             + (head + (cfg.n_layers - 1 - l) * layer + logits(l, False)) * n_obs_tokens for l in head_layers]
-    full = (3 * cfg.n_layers * layer + 3 * unembed) * step_tokens + (cfg.n_layers * layer + unembed) * n_obs_tokens
-    return (sum(heads) + full) / (len(heads) + 1)
+def unit_flops(cfg: ModelConfig, sampler: SamplerConfig, seq: int, n_obs_tokens: int, head_layers: list[int],
+               plan: str) -> float:
+    """Matmul FLOPs of one (component, chain, draw) in ``plan``, averaged over the components: one head per
+    entry of ``head_layers`` (its layer) and the full run; ``group_flops`` per token."""
+    step_tokens = sampler.batch_size * seq
+    call_tokens = (step_tokens, max(1, cfg.loss_chunk_tokens // seq) * seq)
+    units = [group_flops(cfg, seq, None, plan)]
+    for l in head_layers:
+        group = head_layers.count(l) * sampler.n_chains
+        units.append(group_flops(cfg, seq, l, plan, group, min(group, sampler.chains_per_pass), call_tokens))
+    per_unit = [f.step * step_tokens * sampler.steps_between_draws + f.obs * n_obs_tokens for f in units]
+    return sum(per_unit) / len(per_unit)
 
 
 def timed_unit(*args, **kwargs):
@@ -228,8 +224,8 @@ def main():
     t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
     n_obs_tokens = (args.obs + args.probe) * seq
     head_layers = [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)]
-    flops = reference_flops(cfg, sampler, seq, n_obs_tokens, head_layers)
-    executed = executed_flops(cfg, sampler, seq, n_obs_tokens, head_layers)
+    flops = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "reference")
+    executed = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "batched")
     memory = {}
     for draws in args.memory_draws:
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--obs", str(args.obs), "--probe",
@@ -254,7 +250,7 @@ def main():
         "flop_ratio_sequential_over_batched": flops / executed,
         "matmul_peak_size": peak_size, "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
         "batched_sequential_equiv_flops_per_s": flops * units / t_batched,
-        "batched_fraction_of_fp32_peak": flops * units / t_batched / peak,
+        "batched_sequential_equiv_fraction_of_fp32_peak": flops * units / t_batched / peak,
         "batched_executed_flops_per_s": executed * units / t_batched,
         "batched_executed_fraction_of_fp32_peak": executed * units / t_batched / peak,
         "sequential_fraction_of_fp32_peak": flops * units / t_seq / peak,

@@ -31,7 +31,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 from hydra import compose, initialize_config_module  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from benchmarks.engine import executed_flops, matmul_peak  # noqa: E402
+from benchmarks.engine import matmul_peak, unit_flops  # noqa: E402
 import workflows.study as study  # noqa: E402
 
 
@@ -56,7 +56,7 @@ def timed_study(cfg, num_cpus: int | None) -> float:
 
 def study_flops(cfg) -> float:
     """Matmul FLOPs the batched engine executes in a study of heads + the full run: every component ×
-    chain × draw unit of work (``benchmarks.engine.executed_flops``)."""
+    chain × draw unit of work (``benchmarks.engine.unit_flops``)."""
     from susc_core.checkpoint import load_model
     from susc_core.components import HEAD_RE, component, resolve_components
 
@@ -67,7 +67,8 @@ def study_flops(cfg) -> float:
         raise ValueError(f"the FLOP count models heads + full; the study's components are {names}")
     n_probe = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + n_probe) * seq
-    per_unit = executed_flops(model_cfg, cfg.sampler, seq, obs_tokens, [component(model_cfg, n).layer for n in names])
+    per_unit = unit_flops(model_cfg, cfg.sampler, seq, obs_tokens, [component(model_cfg, n).layer for n in names],
+                          "batched")
     return per_unit * (len(names) + 1) * cfg.sampler.n_chains * cfg.sampler.n_draws
 
 

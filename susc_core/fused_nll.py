@@ -12,8 +12,9 @@ Logits exist only for ``chunk_tokens`` rows at a time and are never recomputed (
 chains at once when they fit, few large launches for an accelerator; a cache-sized block of one chain's
 tokens on a CPU): one fused log-softmax pass gives the losses, and while the block is hot the forward
 also contracts ``softmax - onehot`` into every gradient the caller needs (the row scale and the one-hot
-part are applied to the small results, so the [tokens, d_vocab] block sees no extra pass); the backward
-is a few multiplies and no autograd graph is built over the vocabulary. Two outputs:
+part are applied to the small results; the scale's Jacobian with a ``base`` adds one row dot of the block
+with the shared base product); the backward is a few multiplies and no autograd graph is built over the
+vocabulary. Two outputs:
 
 - per-token NLL ``[k, n]``: differentiable in ``x`` and ``scale`` (per-token Jacobians, exact for any
   upstream gradient); used for observables and wherever only activations move.

@@ -2,7 +2,8 @@
 
 - ``CachedGroup``: any component; the residual entering the component's first block is computed
   once per context at w* and shared by every chain (it does not change in a restricted run).
-- ``HonestGroup``: one full forward per chain from the embedding (the sequential reference).
+- ``HonestGroup``, ``HonestHeadGroup``: the sequential reference, one chain at a time, a full forward from
+  the embedding at every call, nothing cached (for a head: gradients formed for its slices only).
 - ``HeadGroup``: heads of one layer, all chains on an explicit chain axis: only the moving head is
   recomputed per chain; the rest of the layer's output is cached; for heads of the last attention-only
   block the logits come through the low-rank change (``lowrank``).
@@ -90,8 +91,8 @@ class CachedGroup:
 
 
 class HonestGroup(CachedGroup):
-    """The sequential reference: a full forward from the embedding at every call, nothing cached or shared
-    (``plan_reference`` gives each chain its own group). The vocabulary goes through the same fused kernel
+    """The sequential reference for any component but a head (``HonestHeadGroup``): a full forward from the
+    embedding at every call, nothing cached or shared (``plan_reference`` gives each chain its own group). The vocabulary goes through the same fused kernel
     as the batched groups (``fused_nll``: one log-softmax pass, no recomputed logits), so the reference is
     a best-effort per-chain implementation and the batched plan's lead is its structure alone."""
 
@@ -173,3 +174,22 @@ class HeadGroup:
         nll = fused_nll(x.reshape(k, b * s, d), self.params["unembed.W_U"][None], self.params["unembed.b_U"],
                         targets, self.cfg.loss_chunk_tokens, mean=mean)
         return nll if mean else nll.view(k, b, s)
+
+
+class HonestHeadGroup(HeadGroup):
+    """The sequential reference for one chain of a head: ``HeadGroup``'s computation (the layer at w*, then
+    the moving head recomputed with gradients for its slices only, the full unembedding) with its cache
+    rebuilt from the tokens at every call, so nothing is shared between calls, steps or chains. A head
+    scattered into its layer's weights (``HonestGroup``) would form the whole layer's weight gradients
+    and every head's attention backward, which a per-chain implementation has no need of."""
+
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component):
+        super().__init__(params, cfg, comp.layer, comp, [comp.head], lowrank=False)
+
+    def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
+        return tokens
+
+    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            head_cache = super().prepare(cache)
+        return super().losses(w, rows, head_cache, mean)

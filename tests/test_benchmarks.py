@@ -1,47 +1,92 @@
-"""The benchmarks' FLOP counts and their plumbing (the benchmarks themselves run by hand, not in CI)."""
+"""The benchmarks' FLOP counts against what the code executes (torch's FlopCounterMode), and their plumbing
+(the benchmarks themselves run by hand, not in CI)."""
 
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_flop_formula, sdpa_backward_flop_count,
+                                      sdpa_flop_count)
 
-from benchmarks.engine import executed_flops, matmul_peak, reference_flops
-from susc_core.model import ModelConfig
-from susc_core.sgld import SamplerConfig
+from benchmarks.engine import group_flops, matmul_peak, unit_flops
+from susc_core.components import component, gather
+from susc_core.engine_reference import plan_reference
+from susc_core.groups import CachedGroup, HeadGroup
+from susc_core.model import ModelConfig, init_params
 
-CFG = ModelConfig()  # the default model's shapes
-SAMPLER = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, batch_size=16)
-SEQ, OBS_TOKENS = 128, 16 * 128
+# torch's counter knows the CUDA attention kernels only; the CPU flash kernels do the same products
+_SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+if _SDPA_CPU.default not in flop_registry:
+    register_flop_formula(_SDPA_CPU)(lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v))
+    register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward)(
+        lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v))
+
+# vocabulary blocks of one chain's tokens (as on a CPU): the scale Jacobian's row dot is then a counted product
+CFG = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64, loss_chunk_tokens=16)
+CFG_MLP = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64, d_mlp=48, loss_chunk_tokens=16)
+BATCH, CHAINS = 3, 2
 
 
-def test_full_run_alone_executes_the_reference_work():
-    """Nothing is shared for the full run: both counts are one full forward, the unembedding's input and
-    weight gradients and every block's backward (2x its forward) per step token, one forward per observable."""
-    forward = CFG.n_layers * (2 * 4 * CFG.d_model * CFG.n_heads * CFG.d_head + 2 * 2 * SEQ * CFG.n_heads * CFG.d_head) \
-        + 2 * CFG.d_model * CFG.d_vocab
-    expected = 3 * forward * SAMPLER.batch_size * SEQ + forward * OBS_TOKENS
-    assert reference_flops(CFG, SAMPLER, SEQ, OBS_TOKENS, []) == pytest.approx(expected)
-    assert executed_flops(CFG, SAMPLER, SEQ, OBS_TOKENS, []) == pytest.approx(expected)
+def _counted(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
 
 
-@pytest.mark.parametrize("layer,lowest,highest", [(0, 1.0, 1.1), (1, 3.0, 3.5)])
-def test_structure_saves_flops_where_it_is_exact(layer, lowest, highest):
-    """A layer-0 head saves only layer 0's forward (its change reaches the unembedding in full rank); a
+def _measured(group, cfg, params, k: int) -> tuple[float, float]:
+    """(step, observable) FLOPs per token and chain of ``group`` with k chains, as the engine calls it."""
+    tokens = torch.randint(0, cfg.d_vocab, (1, BATCH, cfg.n_ctx + 1), generator=torch.Generator().manual_seed(0))
+    w = gather(params, group.comp).expand(k, -1).clone()
+
+    def step():
+        with torch.no_grad():
+            cache = group.prepare(tokens)
+        leaf = w.requires_grad_()
+        torch.autograd.grad(group.losses(leaf, slice(0, k), cache, mean=True).sum(), leaf)
+
+    with torch.no_grad():
+        cache = group.prepare(tokens)  # fixed contexts: prepared once per run
+        obs = _counted(lambda: group.losses(w, slice(0, k), cache))
+    return _counted(step) / (BATCH * cfg.n_ctx * k), obs / (BATCH * cfg.n_ctx * k)
+
+
+@pytest.mark.parametrize("cfg", [CFG, CFG_MLP])
+@pytest.mark.parametrize("name", ["L0H1", "L1H2", "full"])
+@pytest.mark.parametrize("plan", ["reference", "batched"])
+def test_flop_counts_equal_what_the_groups_execute(cfg, name, plan):
+    params = init_params(cfg, torch.Generator().manual_seed(1))
+    comp = component(cfg, name)
+    layer = None if name == "full" else comp.layer
+    if plan == "reference":
+        group, k = plan_reference(params, cfg, [name], [0])[0][0], 1
+    elif layer is None:
+        group, k = CachedGroup(params, cfg, comp), CHAINS
+    else:
+        k = cfg.n_heads * CHAINS
+        group = HeadGroup(params, cfg, layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
+    tokens = BATCH * cfg.n_ctx
+    expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=k, call_tokens=(tokens, tokens))
+    assert _measured(group, cfg, params, k) == pytest.approx(tuple(expected), rel=1e-9)
+
+
+def test_structure_saves_flops_on_the_default_model():
+    """Layer-0 heads save only layer 0's forward (their change reaches the unembedding in full rank); a
     last-layer head of an attention-only model takes its logits through the rank-2·d_head change."""
-    heads = [layer] * CFG.n_heads
-    full = reference_flops(CFG, SAMPLER, SEQ, OBS_TOKENS, [])
-    per_head = [(f(CFG, SAMPLER, SEQ, OBS_TOKENS, heads) * (len(heads) + 1) - full) / len(heads)
-                for f in (reference_flops, executed_flops)]
-    assert lowest < per_head[0] / per_head[1] < highest
+    cfg, seq = ModelConfig(), 128
+    ratio = [group_flops(cfg, seq, l, "reference").step / group_flops(cfg, seq, l, "batched", 32, 32, (2048, 256)).step
+             for l in (0, 1)]
+    assert 1.0 < ratio[0] < 1.2 and 2.5 < ratio[1] < 3.5
 
 
-def test_matmul_peak_measures_a_positive_rate():
-    assert matmul_peak("cpu", 64, reps=2) > 0
+def test_matmul_peak_times_the_product_it_counts():
+    assert 0 < matmul_peak("cpu", 64, reps=2) < 1e15  # FLOP/s: a wrong count or clock lands far outside
 
 
 def test_study_flop_count_reads_the_default_study(tmp_path: Path):
     from benchmarks.study import study_config, study_flops
 
     cfg = study_config(tmp_path / "run", tmp_path / "cache", ["sampler.n_draws=2"])
-    assert study_flops(cfg) == pytest.approx(executed_flops(
-        CFG, cfg.sampler, SEQ, (cfg.data.observable_contexts + cfg.perturbation.contexts_per_probe
-                                * len(cfg.perturbation.probes)) * SEQ, [0] * 8 + [1] * 8) * 17 * 4 * 2)
+    seq, model = 128, ModelConfig()
+    obs_tokens = (cfg.data.observable_contexts + cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)) * seq
+    per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched")
+    assert study_flops(cfg) == pytest.approx(per_unit * 17 * cfg.sampler.n_chains * 2)

@@ -10,7 +10,6 @@ import torch
 
 from .. import components as C
 from .. import model as M
-from ..chunked_nll import chunked_nll
 from .base import WHOLE, Mask, Params
 
 
@@ -29,9 +28,8 @@ class BundledAdapter:
         return {k: self.w_star[k].detach().float().clone() for k in M.param_shapes(self.cfg)}
 
     def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [batch, seq] -> [batch, seq-1] nats (the model's loss, through ``chunked_nll``)."""
-        x = M.final_norm(params, self.cfg, tokens[:, :-1], self.explicit_attention)
-        return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], self.loss_chunk_tokens)
+        """tokens [batch, seq] -> [batch, seq-1] nats: the model's own loss, attention in its vmap-able form."""
+        return M.per_token_loss(params, self.cfg, tokens, self.explicit_attention)
 
     def component_names(self) -> list[str]:
         return C.valid_component_names(self.cfg)
