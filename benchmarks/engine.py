@@ -7,11 +7,11 @@ Measures component·chain·draws per second of the batched engine (every head + 
 the sequential reference plan (all chains and draws of one head per layer and of the full run, each
 head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both those the
 sequential reference executes (full forward per chain) and those the batched engine executes (their ratio
-bounds the speedup at equal efficiency), the FLOP/s they imply against a torch matmul peak measured in the
-same run, and peak memory at two draw
-counts (fresh subprocesses; RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU). On a GPU,
-``--cpu-sequential-threads N`` also times the sequential reference on the host CPU with N threads (and
-the CPU's block size), for the GPU-engine-vs-CPU-reference ratio.
+is the speedup at equal efficiency), the FLOP/s they imply against a torch matmul peak measured in the same
+run, and peak memory at two draw counts (fresh subprocesses; RSS on the CPU,
+``torch.cuda.max_memory_allocated`` on a GPU). On a GPU, ``--cpu-sequential-threads N`` also times the
+sequential reference on the host CPU with N threads (and the CPU's block size), for the
+GPU-engine-vs-CPU-reference ratio.
 On a CPU shared with other jobs, ``--threads 1`` avoids OpenMP oversubscription (2 threads on 2 busy
 cores ran the engine several times slower than 1 thread in our measurements).
 """
@@ -93,7 +93,8 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
     """FLOPs per token and chain of one component in ``plan`` ("reference" or "batched"), counted from the
     shapes as the code runs them: a head of ``layer`` (``HeadGroup``; the reference rebuilds its cache at every
     call, ``HonestHeadGroup``) or, with ``layer=None``, the full run (both plans do the same work). Attention
-    counts the full causal square; its backward 2.5x its forward (flash attention recomputes the scores); the
+    counts the full causal square; its backward 2.5x its forward (flash attention recomputes the scores; a
+    GPU's vmapped full run forms the pattern explicitly, 2x, not modelled); the
     blocks above a component need input gradients only; the unembedding's gradients are formed in its forward
     (``fused_nll``). Batched heads share the layer at w* among ``shared_by`` chains (the heads of the layer x
     chains) and, in the low-rank path of a last attention-only block, the d_model-wide logit product among
@@ -122,14 +123,16 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
 
 
 def unit_flops(cfg: ModelConfig, sampler: SamplerConfig, seq: int, n_obs_tokens: int, head_layers: list[int],
-               plan: str) -> float:
+               plan: str, chains_per_group: int | None = None) -> float:
     """Matmul FLOPs of one (component, chain, draw) in ``plan``, averaged over the components: one head per
-    entry of ``head_layers`` (its layer) and the full run; ``group_flops`` per token."""
+    entry of ``head_layers`` (its layer) and the full run; ``group_flops`` per token. A layer's heads share one
+    ``HeadGroup`` per ``chains_per_group`` chains (a study's ``units.chains_per_unit``; default all
+    ``n_chains``), and share its cache only when the chains share minibatches."""
     step_tokens = sampler.batch_size * seq
     call_tokens = (step_tokens, max(1, cfg.loss_chunk_tokens // seq) * seq)
     units = [group_flops(cfg, seq, None, plan)]
     for l in head_layers:
-        group = head_layers.count(l) * sampler.n_chains
+        group = head_layers.count(l) * (chains_per_group or sampler.n_chains) if sampler.share_minibatches else 1
         units.append(group_flops(cfg, seq, l, plan, group, min(group, sampler.chains_per_pass), call_tokens))
     per_unit = [f.step * step_tokens * sampler.steps_between_draws + f.obs * n_obs_tokens for f in units]
     return sum(per_unit) / len(per_unit)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 import sys
 import tempfile
 import time
@@ -56,11 +57,13 @@ def timed_study(cfg, num_cpus: int | None) -> float:
 
 def study_flops(cfg) -> float:
     """Matmul FLOPs the batched engine executes in a study of heads + the full run: every component ×
-    chain × draw unit of work (``benchmarks.engine.unit_flops``)."""
+    chain × draw unit of work (``benchmarks.engine.unit_flops``, grouped as the study's units group the
+    chains; burn-in steps, none by default, are not counted)."""
     from susc_core.checkpoint import load_model
     from susc_core.components import HEAD_RE, component, resolve_components
 
     model_cfg, _ = load_model(cfg.model.checkpoint)
+    model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # as the study runs it
     seq = cfg.data.seq_len or model_cfg.n_ctx
     names = resolve_components(model_cfg, list(cfg.components.names))
     if not all(HEAD_RE.match(name) for name in names):
@@ -68,7 +71,7 @@ def study_flops(cfg) -> float:
     n_probe = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + n_probe) * seq
     per_unit = unit_flops(model_cfg, cfg.sampler, seq, obs_tokens, [component(model_cfg, n).layer for n in names],
-                          "batched")
+                          "batched", cfg.units.chains_per_unit)
     return per_unit * (len(names) + 1) * cfg.sampler.n_chains * cfg.sampler.n_draws
 
 

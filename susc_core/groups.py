@@ -92,9 +92,10 @@ class CachedGroup:
 
 class HonestGroup(CachedGroup):
     """The sequential reference for any component but a head (``HonestHeadGroup``): a full forward from the
-    embedding at every call, nothing cached or shared (``plan_reference`` gives each chain its own group). The vocabulary goes through the same fused kernel
-    as the batched groups (``fused_nll``: one log-softmax pass, no recomputed logits), so the reference is
-    a best-effort per-chain implementation and the batched plan's lead is its structure alone."""
+    embedding at every call, nothing cached or shared (``plan_reference`` gives each chain its own group).
+    The vocabulary goes through the same fused kernel as the batched groups (``fused_nll``: one log-softmax
+    pass, no recomputed logits), so the reference is a best-effort per-chain implementation and the batched
+    plan's lead is its structure alone."""
 
     def prepare(self, tokens: torch.Tensor) -> tuple[torch.Tensor, None]:
         return tokens, None

@@ -1,6 +1,7 @@
 """The benchmarks' FLOP counts against what the code executes (torch's FlopCounterMode), and their plumbing
 (the benchmarks themselves run by hand, not in CI)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,8 +24,8 @@ if _SDPA_CPU.default not in flop_registry:
 
 # vocabulary blocks of one chain's tokens (as on a CPU): the scale Jacobian's row dot is then a counted product
 CFG = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64, loss_chunk_tokens=16)
-CFG_MLP = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64, d_mlp=48, loss_chunk_tokens=16)
-BATCH, CHAINS = 3, 2
+CFG_MLP = replace(CFG, d_mlp=48)
+STEP_CONTEXTS, OBS_CONTEXTS, CHAINS = 3, 1, 2
 
 
 def _counted(fn) -> int:
@@ -33,27 +34,33 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def _measured(group, cfg, params, k: int) -> tuple[float, float]:
-    """(step, observable) FLOPs per token and chain of ``group`` with k chains, as the engine calls it."""
-    tokens = torch.randint(0, cfg.d_vocab, (1, BATCH, cfg.n_ctx + 1), generator=torch.Generator().manual_seed(0))
+def _measured(group, cfg, params, k: int, passes: list[slice]) -> tuple[float, float]:
+    """(step, observable) FLOPs per token and chain of ``group`` with k chains evaluated in ``passes``, as the
+    engine calls it: one cache per step shared by the passes; fixed contexts prepared once per run."""
+    gen = torch.Generator().manual_seed(0)
+    step_tokens, obs_tokens = (torch.randint(0, cfg.d_vocab, (1, n, cfg.n_ctx + 1), generator=gen)
+                               for n in (STEP_CONTEXTS, OBS_CONTEXTS))
     w = gather(params, group.comp).expand(k, -1).clone()
 
     def step():
         with torch.no_grad():
-            cache = group.prepare(tokens)
-        leaf = w.requires_grad_()
-        torch.autograd.grad(group.losses(leaf, slice(0, k), cache, mean=True).sum(), leaf)
+            cache = group.prepare(step_tokens)
+        for rows in passes:
+            leaf = w[rows].requires_grad_()
+            torch.autograd.grad(group.losses(leaf, rows, cache, mean=True).sum(), leaf)
 
     with torch.no_grad():
-        cache = group.prepare(tokens)  # fixed contexts: prepared once per run
-        obs = _counted(lambda: group.losses(w, slice(0, k), cache))
-    return _counted(step) / (BATCH * cfg.n_ctx * k), obs / (BATCH * cfg.n_ctx * k)
+        cache = group.prepare(obs_tokens)
+        obs = _counted(lambda: [group.losses(w[rows], rows, cache) for rows in passes])
+    return (_counted(step) / (STEP_CONTEXTS * cfg.n_ctx * k), obs / (OBS_CONTEXTS * cfg.n_ctx * k))
 
 
 @pytest.mark.parametrize("cfg", [CFG, CFG_MLP])
 @pytest.mark.parametrize("name", ["L0H1", "L1H2", "full"])
 @pytest.mark.parametrize("plan", ["reference", "batched"])
 def test_flop_counts_equal_what_the_groups_execute(cfg, name, plan):
+    """Batched heads: 8 chains share the layer's cache, in two passes of 4 (the low-rank path shares its logit
+    product per pass), with step and observable calls of different lengths (its basis is formed per call)."""
     params = init_params(cfg, torch.Generator().manual_seed(1))
     comp = component(cfg, name)
     layer = None if name == "full" else comp.layer
@@ -64,17 +71,18 @@ def test_flop_counts_equal_what_the_groups_execute(cfg, name, plan):
     else:
         k = cfg.n_heads * CHAINS
         group = HeadGroup(params, cfg, layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
-    tokens = BATCH * cfg.n_ctx
-    expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=k, call_tokens=(tokens, tokens))
-    assert _measured(group, cfg, params, k) == pytest.approx(tuple(expected), rel=1e-9)
+    passes = [slice(0, (k + 1) // 2), slice((k + 1) // 2, k)] if k > 1 else [slice(0, 1)]
+    expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=passes[0].stop,
+                           call_tokens=(STEP_CONTEXTS * cfg.n_ctx, OBS_CONTEXTS * cfg.n_ctx))
+    assert _measured(group, cfg, params, k, passes) == pytest.approx(tuple(expected), rel=1e-9)
 
 
 def test_structure_saves_flops_on_the_default_model():
     """Layer-0 heads save only layer 0's forward (their change reaches the unembedding in full rank); a
     last-layer head of an attention-only model takes its logits through the rank-2·d_head change."""
     cfg, seq = ModelConfig(), 128
-    ratio = [group_flops(cfg, seq, l, "reference").step / group_flops(cfg, seq, l, "batched", 32, 32, (2048, 256)).step
-             for l in (0, 1)]
+    batched = [group_flops(cfg, seq, l, "batched", 32, 32, (2048, 256)) for l in (0, 1)]
+    ratio = [group_flops(cfg, seq, l, "reference").step / batched[l].step for l in (0, 1)]
     assert 1.0 < ratio[0] < 1.2 and 2.5 < ratio[1] < 3.5
 
 
@@ -87,6 +95,8 @@ def test_study_flop_count_reads_the_default_study(tmp_path: Path):
 
     cfg = study_config(tmp_path / "run", tmp_path / "cache", ["sampler.n_draws=2"])
     seq, model = 128, ModelConfig()
-    obs_tokens = (cfg.data.observable_contexts + cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)) * seq
-    per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched")
+    probe_contexts = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
+    obs_tokens = (cfg.data.observable_contexts + probe_contexts) * seq
+    model = replace(model, loss_chunk_tokens=cfg.model.loss_chunk_tokens)
+    per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched", cfg.units.chains_per_unit)
     assert study_flops(cfg) == pytest.approx(per_unit * 17 * cfg.sampler.n_chains * 2)
