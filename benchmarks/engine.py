@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from susc_core.checkpoint import load_model  # noqa: E402
 from susc_core.engine import run_unit  # noqa: E402
+from susc_core.lowrank import applies as lowrank_applies  # noqa: E402
 from susc_core.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
 from susc_core.model import ModelConfig, init_params  # noqa: E402
 from susc_core.sgld import SamplerConfig  # noqa: E402
@@ -111,7 +112,7 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
     head_fwd = 2 * 3 * d * e + head_attn + 2 * 2 * e * d  # q, k, v; attention; z W_O and z* W_O*
     head_bwd = 2 * 4 * d * e + 2 * e * d + 2.5 * head_attn  # weight gradients of q, k, v, o; dz; attention
     cached = (layer * layer_fwd + proj + attn) / (1 if reference else shared_by)  # the layer at w*, per step
-    if reference or above or cfg.d_mlp:
+    if reference or not lowrank_applies(cfg, layer):
         after = head_fwd + mlp + above * layer_fwd + unembed
         step = cached + after + unembed + above * layer_input_grads + mlp + head_bwd
         return TokenFlops(step, after + (cached if reference else 0))  # the batched plan caches fixed contexts

@@ -24,7 +24,7 @@ from torch.func import vmap
 from . import model as M
 from .components import Component, scatter, unflatten
 from .fused_nll import chain_rows, fused_nll
-from .lowrank import final_map, inv_sigma
+from .lowrank import applies as lowrank_applies, final_map, inv_sigma
 
 
 def upstream(params: M.Params, cfg: M.ModelConfig, inputs: torch.Tensor, layer: int) -> torch.Tensor:
@@ -123,7 +123,7 @@ class HeadGroup:
                  lowrank: bool = True):
         self.params, self.cfg, self.layer, self.comp = params, cfg, layer, comp  # comp: any head of the layer
         self.heads = torch.tensor(list(heads), device=params["embed.W_E"].device)
-        self.lowrank = lowrank and layer == cfg.n_layers - 1 and cfg.d_mlp == 0
+        self.lowrank = lowrank and lowrank_applies(cfg, layer)
         p = f"blocks.{layer}.attn"
         self.w_o_star = params[f"{p}.W_O"]  # [H, E, D]
         if self.lowrank:

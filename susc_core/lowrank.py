@@ -27,6 +27,11 @@ class FinalMap(NamedTuple):
     beta: torch.Tensor
 
 
+def applies(cfg: ModelConfig, layer: int) -> bool:
+    """Whether a head of ``layer`` has the low-rank logit change: it is in the last block and no MLP follows."""
+    return layer == cfg.n_layers - 1 and cfg.d_mlp == 0
+
+
 def final_map(params: Params, cfg: ModelConfig) -> FinalMap:
     """The final LayerNorm folded into the unembedding (see module docstring)."""
     scaled = params["ln_final.w"][:, None] * params["unembed.W_U"]
