@@ -109,3 +109,41 @@ def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor)
             ablated = per_token_loss(params, cfg, tokens, {f"blocks.{layer}.attn.hook_z": zero_head})
             deltas.append(ablated - clean)
     return torch.stack(deltas)
+
+
+def ablation_effects(params: Params, cfg: ModelConfig, natural_tokens: torch.Tensor,
+                     repeated_tokens: torch.Tensor) -> dict[str, np.ndarray]:
+    """Every head's mean zero-ablation loss increase (nats), the multigram measure's two halves.
+
+    natural_tokens: [batch, seq] natural-text contexts (every position); repeated_tokens:
+    [batch, 2·half_len] random sequences repeated twice (only the second copy's predictions, which
+    copying can make). Returns {"natural", "repeat"} -> [n_layers * n_heads] in :func:`head_labels`
+    order. A head that raises the natural-text loss when ablated but not the repeat loss does
+    multigram (n-gram statistics) work; an induction head raises the repeat loss far more.
+    """
+    half = repeated_tokens.shape[1] // 2
+    return {"natural": ablation_loss_deltas(params, cfg, natural_tokens).mean(dim=(1, 2)).numpy(),
+            "repeat": ablation_loss_deltas(params, cfg, repeated_tokens)[:, :, half:].mean(dim=(1, 2)).numpy()}
+
+
+def head_census(scores: dict[str, np.ndarray], effects: dict[str, np.ndarray], role_threshold: float,
+                multigram_max_induction: float, multigram_min_natural: float) -> list[str]:
+    """One measured role per head (arrays [n_heads_total] in :func:`head_labels` order):
+
+    - ``induction`` / ``previous_token``: that attention score ≥ ``role_threshold`` (induction first);
+    - ``multigram``: induction score < ``multigram_max_induction``, ablation raises the natural-text
+      loss by ≥ ``multigram_min_natural`` nats and by more than it raises the repeat loss;
+    - ``other``: none of these (a head with little measured effect).
+    """
+    roles = []
+    for i in range(len(scores["induction"])):
+        if scores["induction"][i] >= role_threshold:
+            roles.append("induction")
+        elif scores["previous_token"][i] >= role_threshold:
+            roles.append("previous_token")
+        elif (scores["induction"][i] < multigram_max_induction and effects["natural"][i] >= multigram_min_natural
+              and effects["natural"][i] > effects["repeat"][i]):
+            roles.append("multigram")
+        else:
+            roles.append("other")
+    return roles

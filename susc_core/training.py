@@ -12,7 +12,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from susc_core.model import ModelConfig, Params, per_token_loss
+from susc_core.components import HEAD_RE, expand_names
+from susc_core.head_roles import head_labels
+from susc_core.model import Hooks, ModelConfig, Params, logits, per_token_loss
 from susc_core.synthetic import gapped_repeats, tiled_repeats
 
 
@@ -24,6 +26,9 @@ class PhaseConfig:
     seq_len: int = 64  # tokens fed to the model per sequence (targets are the next tokens)
     synthetic_share: float = 0.8  # fraction of each batch that is repeated random segments
     synthetic_vocab: int = 0  # synthetic ids drawn below this (frequent tokens recur, copying forms fast); 0: all
+    active_heads: list[str] = field(default_factory=list)  # heads (``L1H6``, globs) that write to the
+    # residual stream in this phase; every other head's output z is multiplied by 0, so it gets no gradient
+    # and cannot learn the phase's task (confines the induction circuit to chosen heads). Empty: all heads.
 
 
 @dataclass
@@ -102,6 +107,26 @@ def sample_batch(generator: np.random.Generator, contexts: np.ndarray, phase: Ph
     return torch.from_numpy(np.concatenate([synthetic, natural]).astype(np.int64))
 
 
+def head_gate_hooks(cfg: ModelConfig, active_heads: list[str]) -> Hooks:
+    """``hook_z`` hooks that zero the output of every head not named in ``active_heads`` (head names or
+    globs such as ``L1H*``); no hooks when the list is empty (every head active).
+
+    z [batch, pos, n_heads, d_head] is multiplied by a 0/1 mask [n_heads, 1] per layer.
+    """
+    if not active_heads:
+        return {}
+    active = expand_names(head_labels(cfg), active_heads)
+    hooks = {}
+    for layer in range(cfg.n_layers):
+        mask = torch.zeros(cfg.n_heads, 1)
+        for name in active:
+            m = HEAD_RE.match(name)
+            if int(m.group(1)) == layer:
+                mask[int(m.group(2))] = 1.0
+        hooks[f"blocks.{layer}.attn.hook_z"] = lambda z, mask=mask: z * mask.to(z.device, z.dtype)
+    return hooks
+
+
 def learning_rate(optim: OptimConfig, step: int) -> float:
     """Linear warm-up over ``warmup_steps`` then constant ``lr``."""
     if optim.warmup_steps <= 0:
@@ -113,13 +138,22 @@ def make_optimizer(params: list[torch.nn.Parameter], optim: OptimConfig) -> torc
     return torch.optim.AdamW(params, lr=optim.lr, betas=(optim.beta1, optim.beta2), weight_decay=optim.weight_decay)
 
 
+def mean_loss(params: Params, cfg: ModelConfig, batch: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
+    """Mean next-token loss (nats, scalar) of ``batch`` [batch, seq] through ``hooks``, from the full
+    logits in one fused cross-entropy: a training batch's logits fit in memory, and its backward needs no
+    recomputed chunks (about 1.4x faster per step on a CPU than the chunked per-token loss)."""
+    out = logits(params, cfg, batch[:, :-1], hooks)  # [batch, seq - 1, d_vocab]
+    return torch.nn.functional.cross_entropy(out.flatten(0, 1), batch[:, 1:].flatten())
+
+
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
-               optim: OptimConfig, step: int) -> float:
-    """One AdamW step on the mean per-token loss of ``batch`` [batch, seq]; returns the loss (nats)."""
+               optim: OptimConfig, step: int, hooks: Hooks | None = None) -> float:
+    """One AdamW step on the mean loss of ``batch`` [batch, seq] (through ``hooks``, e.g. the phase's
+    head gate); returns the loss (nats). ``model`` is a :class:`~susc_core.model.Transformer`."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(optim, step)
     optimizer.zero_grad(set_to_none=True)
-    loss = model(batch).mean()
+    loss = mean_loss(model.params(), model.cfg, batch, hooks)
     loss.backward()
     if optim.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), optim.grad_clip)

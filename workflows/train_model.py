@@ -24,10 +24,11 @@ from tqdm import tqdm
 from susc_core.checkpoint import (file_sha256, load_model, load_training_state, save_model,
                                   save_training_state)
 from susc_core.corpus import load_contexts
-from susc_core.head_roles import head_labels, repeat_test_scores
+from susc_core.head_roles import ablation_effects, head_census, head_labels, repeat_test_scores
+from susc_core.synthetic import repeated_random
 from susc_core.model import ModelConfig, Transformer, init_params, n_params
-from susc_core.training import (CurriculumConfig, OptimConfig, domain_losses, make_optimizer, phase_at,
-                                sample_batch, total_steps, train_step)
+from susc_core.training import (CurriculumConfig, OptimConfig, domain_losses, head_gate_hooks, make_optimizer,
+                                phase_at, sample_batch, total_steps, train_step)
 from workflows.runtime import get_logger, resolve_device
 
 log = get_logger("train_model")
@@ -38,6 +39,11 @@ class HeadScoreConfig:
     n_seqs: int = 16  # repeated random sequences scored
     half_len: int = 50  # tokens before the repeat (the paper-style 50-token test)
     role_threshold: float = 0.4  # a head with score >= this counts as having that role
+    # the multigram measure: zero-ablation loss increase on natural text vs on repeated random tokens
+    natural_domains: list[str] = field(default_factory=lambda: ["shakespeare", "bible", "legal", "code", "docs"])
+    natural_contexts: int = 16  # held-out contexts per natural domain for the ablation
+    multigram_max_induction: float = 0.15  # a multigram head's induction score is below this
+    multigram_min_natural: float = 0.01  # and its ablation raises the natural-text loss by at least this (nats)
 
 
 @dataclass
@@ -69,12 +75,13 @@ def _eval_sets(corpus_dir: Path, n: int, seq_len: int) -> dict[str, torch.Tensor
 def model_card(cfg: TrainAppConfig, summary: dict) -> str:
     """Markdown model card: command, tokens seen, wall time, domain losses, every head's scores."""
     labels = head_labels(cfg.arch)
-    scores = summary["head_scores"]
-    thr = cfg.head_scores.role_threshold
+    scores, effects, census = summary["head_scores"], summary["ablation"], summary["roles"]
+    hs = cfg.head_scores
     rows = "\n".join(
-        f"| {label} | {scores['induction'][i]:.3f} | {scores['previous_token'][i]:.3f} | {scores['current_token'][i]:.3f} |"
+        f"| {label} | {scores['induction'][i]:.3f} | {scores['previous_token'][i]:.3f} | {scores['current_token'][i]:.3f} "
+        f"| {effects['natural'][i]:+.3f} | {effects['repeat'][i]:+.3f} | {census[i]} |"
         for i, label in enumerate(labels))
-    roles = {k: sum(s >= thr for s in v) for k, v in scores.items()}
+    counts = ", ".join(f"{role} {census.count(role)}" for role in ("induction", "previous_token", "multigram", "other"))
     losses = "\n".join(f"| {d} | {v:.3f} |" for d, v in summary["domain_losses"].items())
     phases = "\n".join(f"| {i + 1} | {p.steps} | {p.seq_len} | {p.synthetic_share} | {p.synthetic_vocab or cfg.arch.d_vocab} |"
                        for i, p in enumerate(cfg.curriculum.phases))
@@ -102,15 +109,33 @@ Trained by this project, offline, on the corpus built by `python -m workflows.bu
 |---|---|
 {losses}
 
-## Head scores
-On {cfg.head_scores.n_seqs} sequences of {min(cfg.head_scores.half_len, cfg.arch.n_ctx // 2)} random
-tokens repeated twice. Heads at or above {thr}: induction {roles['induction']}, previous-token
-{roles['previous_token']}, current-token {roles['current_token']}.
+## Head scores and roles
+Attention scores on {hs.n_seqs} sequences of {min(hs.half_len, cfg.arch.n_ctx // 2)} random tokens repeated
+twice. Ablation: mean loss increase (nats) when the head's output is zeroed, on {hs.natural_contexts} held-out
+contexts of each natural domain ({", ".join(hs.natural_domains)}) and on the second copy of the repeated
+sequences. Role (`susc_core.head_roles.head_census`): induction or previous-token when that score is
+≥ {hs.role_threshold}; multigram when induction < {hs.multigram_max_induction} and the natural-text ablation
+increase is ≥ {hs.multigram_min_natural} nats and above the repeat increase; else other. Census: {counts}.
 
-| head | induction | previous-token | current-token |
-|---|---|---|---|
+| head | induction | previous-token | current-token | ablation natural | ablation repeat | role |
+|---|---|---|---|---|---|---|
 {rows}
 """
+
+
+def head_roles_of(params: dict, cfg: TrainAppConfig, corpus: Path) -> tuple[dict, dict, list[str]]:
+    """Attention scores, ablation effects (the multigram measure) and the role census of every head,
+    on fresh repeated random sequences and held-out natural-text probe contexts."""
+    hs = cfg.head_scores
+    scores = repeat_test_scores(params, cfg.arch, np.random.default_rng([cfg.seed, 1]), hs.n_seqs, hs.half_len)
+    natural = torch.cat([load_contexts(corpus / "probes" / f"{d}.parquet")[:hs.natural_contexts, : cfg.arch.n_ctx + 1]
+                         for d in hs.natural_domains])
+    half = min(hs.half_len, cfg.arch.n_ctx // 2)
+    repeated = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 2]), hs.n_seqs, half, 1,
+                                                cfg.arch.d_vocab))
+    effects = ablation_effects(params, cfg.arch, natural, repeated)
+    roles = head_census(scores, effects, hs.role_threshold, hs.multigram_max_induction, hs.multigram_min_natural)
+    return scores, effects, roles
 
 
 def train(cfg: TrainAppConfig) -> dict:
@@ -146,7 +171,7 @@ def train(cfg: TrainAppConfig) -> dict:
     for step in bar:
         phase = phase_at(cfg.curriculum, step)
         batch = sample_batch(generator, contexts, phase, cfg.curriculum, cfg.arch.d_vocab).to(device)
-        loss = train_step(model, optimizer, batch, cfg.optim, step)
+        loss = train_step(model, optimizer, batch, cfg.optim, step, head_gate_hooks(cfg.arch, phase.active_heads))
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss became {loss} at step {step}; lower optim.lr or raise warm-up")
         tokens_seen += batch.shape[0] * (batch.shape[1] - 1)
@@ -158,24 +183,25 @@ def train(cfg: TrainAppConfig) -> dict:
             cpu_params = {k: v.detach().cpu() for k, v in params_now.items()}
             roles = repeat_test_scores(cpu_params, cfg.arch, np.random.default_rng([cfg.seed, 1]),
                                        cfg.head_scores.n_seqs, cfg.head_scores.half_len)
-            log.info("step %d/%d loss %.3f | %s | best induction %.2f previous-token %.2f", done, steps, loss,
-                     " ".join(f"{k} {v:.3f}" for k, v in losses.items()), roles["induction"].max(),
-                     roles["previous_token"].max())
+            log.info("step %d/%d loss %.3f | %s | induction per head %s | previous-token per head %s", done, steps,
+                     loss, " ".join(f"{k} {v:.3f}" for k, v in losses.items()),
+                     " ".join(f"{v:.2f}" for v in roles["induction"]),
+                     " ".join(f"{v:.2f}" for v in roles["previous_token"]))
         if done % cfg.checkpoint_every == 0 or done == steps:
             save_model(weights_path, cfg.arch, model.params())
             save_training_state(state_path, {
                 "optimizer": optimizer.state_dict(), "step": done, "tokens_seen": tokens_seen,
                 "wall_s": time.perf_counter() - t0, "numpy_rng": json.dumps(generator.bit_generator.state)})
     params = {k: v.detach().cpu() for k, v in model.params().items()}
+    scores, effects, roles = head_roles_of(params, cfg, corpus)
     manifest = corpus / "manifest.json"
     summary = {
         "command": "python -m workflows.train_model " + " ".join(sys.argv[1:]),
         "n_params": n_params(cfg.arch), "steps": steps, "tokens_seen": tokens_seen,
         "wall_s": time.perf_counter() - t0, "device": str(device), "threads": torch.get_num_threads(),
         "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
-        "head_scores": {k: v.tolist() for k, v in repeat_test_scores(
-            params, cfg.arch, np.random.default_rng([cfg.seed, 1]), cfg.head_scores.n_seqs,
-            cfg.head_scores.half_len).items()},
+        "head_scores": {k: v.tolist() for k, v in scores.items()},
+        "ablation": {k: v.tolist() for k, v in effects.items()}, "roles": roles,
         "sha256": file_sha256(weights_path),
         "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
     }
