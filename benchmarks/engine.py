@@ -33,12 +33,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from susc_core.checkpoint import load_model  # noqa: E402
-from susc_core.engine import run_unit  # noqa: E402
-from susc_core.lowrank import applies as lowrank_applies  # noqa: E402
-from susc_core.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
-from susc_core.model import ModelConfig, init_params  # noqa: E402
-from susc_core.sgld import SamplerConfig  # noqa: E402
+from susc_core.model.checkpoint import load_model  # noqa: E402
+from susc_core.engine.unit import run_unit  # noqa: E402
+from susc_core.engine.lowrank import applies as lowrank_applies  # noqa: E402
+from susc_core.engine.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
+from susc_core.model.transformer import ModelConfig, init_params  # noqa: E402
+from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 from workflows.study_config import ModelSection  # noqa: E402
 
 ASSET = ROOT / "susc_core" / "assets" / "default_model.safetensors"

@@ -23,8 +23,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine import model  # noqa: E402
-from susc_core.engine import run_unit  # noqa: E402
-from susc_core.sgld import SamplerConfig  # noqa: E402
+from susc_core.engine.unit import run_unit  # noqa: E402
+from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 
 
 def main():

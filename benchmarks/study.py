@@ -59,8 +59,8 @@ def study_flops(cfg) -> float:
     """Matmul FLOPs the batched engine executes in a study of heads + the full run: every component ×
     chain × draw unit of work (``benchmarks.engine.unit_flops``, grouped as the study's units group the
     chains; burn-in steps, none by default, are not counted)."""
-    from susc_core.checkpoint import load_model
-    from susc_core.components import HEAD_RE, component, resolve_components
+    from susc_core.model.checkpoint import load_model
+    from susc_core.model.components import HEAD_RE, component, resolve_components
 
     model_cfg, _ = load_model(cfg.model.checkpoint)
     model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # as the study runs it

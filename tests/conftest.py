@@ -51,8 +51,8 @@ def corpus_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny model over the corpus vocabulary (plumbing tests need no training)."""
-    from susc_core.checkpoint import save_model
-    from susc_core.model import ModelConfig, init_params
+    from susc_core.model.checkpoint import save_model
+    from susc_core.model.transformer import ModelConfig, init_params
 
     cfg = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=4096, loss_chunk_tokens=512)
     params = init_params(cfg, torch.Generator().manual_seed(0))

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from susc_core import model as M
+from susc_core.model import transformer as M
 from susc_core.adapters.base import flat_indices, gather, scatter
-from susc_core.chunked_nll import chunked_nll
+from susc_core.model.chunked_nll import chunked_nll
 from susc_core.adapters.bundled import BundledAdapter
 from susc_core.adapters.engine import chains_per_pass_for_budget, AdapterGroup, run_adapter_unit
-from susc_core.sgld import SamplerConfig
+from susc_core.engine.sgld import SamplerConfig
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
 
@@ -164,8 +164,9 @@ def _contexts(length=8):
     return _tokens(10, length, seed=1), _tokens(3, length, seed=2), _tokens(2, length, seed=3)
 
 
-def _assert_same_stats(x, y, atol=1e-7):
-    """Equal up to float32 rounding (``atol`` in nats: batched and looped matmuls round differently)."""
+def _assert_same_stats(x, y, atol=1e-6):
+    """Equal up to float32 rounding (``atol`` in nats: batched and looped matmuls round differently, and
+    g = L_n(draw) - L_n(w*) is a difference of losses near 8 nats, whose float32 spacing is about 5e-7)."""
     for field in ("g_trace", "sum_ga", "sum_a"):
         np.testing.assert_allclose(getattr(x, field), getattr(y, field), rtol=1e-5, atol=atol, err_msg=field)
 
@@ -197,7 +198,7 @@ def test_memory_budget_chunks_chains_without_changing_results(gpt2):
 
 
 def test_bundled_adapter_reproduces_engine_run_unit():
-    from susc_core.engine import run_unit
+    from susc_core.engine.unit import run_unit
     cfg = M.ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=VOCAB, loss_chunk_tokens=16)
     w_star = M.init_params(cfg, torch.Generator().manual_seed(0))
     adapter = BundledAdapter(w_star, cfg)

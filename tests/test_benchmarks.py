@@ -10,10 +10,10 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
                                       sdpa_flop_count)
 
 from benchmarks.engine import group_flops, matmul_peak, unit_flops
-from susc_core.components import component, gather
-from susc_core.engine_reference import plan_reference
-from susc_core.groups import CachedGroup, HeadGroup
-from susc_core.model import ModelConfig, init_params
+from susc_core.model.components import component, gather
+from susc_core.engine.reference import plan_reference
+from susc_core.engine.groups import CachedGroup, HeadGroup
+from susc_core.model.transformer import ModelConfig, init_params
 
 # torch's counter knows the CUDA attention kernels only; the CPU flash kernels do the same products
 _SDPA_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from susc_core.components import component, gather, resolve_components, scatter, valid_component_names
-from susc_core.model import ModelConfig, init_params
+from susc_core.model.components import component, gather, resolve_components, scatter, valid_component_names
+from susc_core.model.transformer import ModelConfig, init_params
 
 CFG = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16, d_mlp=12)
 

@@ -11,8 +11,8 @@ import torch
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from susc_core import corpus
-from susc_core.tokenizer import TokenSpans, load_tokenizer, token_spans
+from susc_core.data import corpus
+from susc_core.data.tokenizer import TokenSpans, load_tokenizer, token_spans
 
 REPO = Path(__file__).resolve().parent.parent
 SOURCES = REPO / ".cache" / "sources"

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from susc_core.components import component, gather, scatter
-from susc_core.engine import run_unit
-from susc_core.fused_nll import blocks, fused_nll
-from susc_core.engine_reference import plan_reference
-from susc_core.groups import CachedGroup, HeadGroup
-from susc_core.model import ModelConfig, init_params, per_token_loss
-from susc_core.sgld import SamplerConfig
+from susc_core.model.components import component, gather, scatter
+from susc_core.engine.unit import run_unit
+from susc_core.engine.fused_nll import blocks, fused_nll
+from susc_core.engine.reference import plan_reference
+from susc_core.engine.groups import CachedGroup, HeadGroup
+from susc_core.model.transformer import ModelConfig, init_params, per_token_loss
+from susc_core.engine.sgld import SamplerConfig
 
 CFG = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16)
 CFG_MLP = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16, d_mlp=12)

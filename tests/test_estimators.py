@@ -3,9 +3,9 @@ import warnings
 import numpy as np
 import pytest
 
-from susc_core.diagnostics import ess, split_rhat
-from susc_core.estimators import convergence, llc, mean_loss, mixture_chi, per_token_chi, probe_means
-from susc_core.stats import from_draws
+from susc_core.stats.diagnostics import ess, split_rhat
+from susc_core.stats.estimators import convergence, llc, mean_loss, mixture_chi, per_token_chi, probe_means
+from susc_core.stats.chain_stats import from_draws
 
 RNG = np.random.default_rng(0)
 

@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from susc_core.checkpoint import load_model
-from susc_core.head_roles import (ablation_loss_deltas, current_token_score, induction_score,
+from susc_core.model.checkpoint import load_model
+from susc_core.model.head_roles import (ablation_loss_deltas, current_token_score, induction_score,
                                   previous_token_score, repeat_test_scores)
-from susc_core.model import ModelConfig, init_params, per_token_loss
+from susc_core.model.transformer import ModelConfig, init_params, per_token_loss
 
 
 def _pattern_from_targets(n: int, target) -> torch.Tensor:

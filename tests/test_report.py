@@ -14,7 +14,7 @@ import pytest
 
 from susc_core.analysis import AnalysisConfig, analyze
 from susc_core.analysis.analyze import class_score_means
-from susc_core.results import FILES, load_run
+from susc_core.analysis.results import FILES, load_run
 from workflows.report import main, to_analysis_config, write_report
 
 VOCAB = [" the", " cat", "s", "at", " (", ")", "\n", " ", "42", " on", "ly", ",", " sat", "\"", "##"]

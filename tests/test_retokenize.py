@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from susc_core import retokenize
-from susc_core.corpus import Document, document_table
-from susc_core.tokenizer import TokenSpans
+from susc_core.data import retokenize
+from susc_core.data.corpus import Document, document_table
+from susc_core.data.tokenizer import TokenSpans
 
 
 def _chars(texts):

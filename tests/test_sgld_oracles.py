@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from susc_core import sgld
-from susc_core.estimators import llc, per_token_chi
-from susc_core.stats import from_draws
+from susc_core.engine import sgld
+from susc_core.stats.estimators import llc, per_token_chi
+from susc_core.stats.chain_stats import from_draws
 
 
 def _run(grad_fn, dim, n_chains, step_size, nbeta, gamma, burn_in, n_draws, thin, observe, device, seed=0):

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from susc_core.accumulator import add_draw, init_accumulator, to_chain_stats
-from susc_core.estimators import per_token_chi
-from susc_core.stats import concat_tokens, from_draws, merge, pool
+from susc_core.stats.accumulator import add_draw, init_accumulator, to_chain_stats
+from susc_core.stats.estimators import per_token_chi
+from susc_core.stats.chain_stats import concat_tokens, from_draws, merge, pool
 
 
 def _draws(seed, n=12, t=5):

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import workflows.study as study
-from susc_core.checkpoint import path_sha256
+from susc_core.model.checkpoint import path_sha256
 from test_study import CTX_PER_PROBE, N_CHAINS, N_PROBES, SEQ, assert_same_results, compose_study
 
 transformers = pytest.importorskip("transformers", reason="the [hf] extra (transformers) is not installed")
@@ -24,8 +24,8 @@ ADAPTER = [f"components.names=[{','.join(COMPONENTS)}]", "model.adapter=hf", "mo
 
 
 def _tokenizer(corpus_dir: Path):
-    from susc_core.corpus import load_context_table
-    from susc_core.tokenizer import train_tokenizer
+    from susc_core.data.corpus import load_context_table
+    from susc_core.data.tokenizer import train_tokenizer
 
     texts = load_context_table(corpus_dir / "documents.parquet").column("text").to_pylist()[:20]
     return transformers.PreTrainedTokenizerFast(tokenizer_object=train_tokenizer(texts, VOCAB_SIZE))

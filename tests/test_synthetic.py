@@ -5,7 +5,7 @@ import re
 import numpy as np
 import pytest
 
-from susc_core import synthetic
+from susc_core.data import synthetic
 
 
 def _blocks(row: np.ndarray, seg_min: int, seg_max: int, copies_min: int, copies_max: int) -> bool:

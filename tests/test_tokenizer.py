@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from susc_core import tokenizer as T
+from susc_core.data import tokenizer as T
 
 SAMPLES = {
     "code": 'def f(x: int) -> dict[str, list[int]]:\n\treturn {"a": [x ** 2, x // 3]}  # ok\n',

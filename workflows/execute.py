@@ -61,7 +61,7 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
     """Run one unit; returns its statistics and where/how long it ran, with the process's peak memory."""
     import torch
 
-    from susc_core.memory import peak_memory_mib, reset_peak_memory
+    from susc_core.engine.memory import peak_memory_mib, reset_peak_memory
 
     if kill_dir is not None:
         try:  # the first unit to get here claims the marker and takes its worker down

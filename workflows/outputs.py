@@ -13,10 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from susc_core.components import component_layer
-from susc_core.estimators import convergence, llc, mixture_chi, per_token_chi
-from susc_core.diagnostics import MIN_DRAWS, ess
-from susc_core.stats import ChainStats
+from susc_core.model.components import component_layer
+from susc_core.stats.estimators import convergence, llc, mixture_chi, per_token_chi
+from susc_core.stats.diagnostics import MIN_DRAWS, ess
+from susc_core.stats.chain_stats import ChainStats
 
 FULL = "full"
 ESTIMATORS = {True: "chi_hat_xy", False: "chi_hat_xy restricted: -Cov_C[g, a] (no full run)"}  # by has-full
@@ -35,7 +35,7 @@ def layers_of(n_layers: int, components: list[str]) -> dict[str, int]:
 
 def reference(stats: dict[str, list[ChainStats]], comp: str) -> list[ChainStats]:
     """The chains whose mean of a_t centres χ̂ of ``comp``: the full run when the study has one, else
-    the component's own chains (the restricted covariance, see ``susc_core.estimators``)."""
+    the component's own chains (the restricted covariance, see ``susc_core.stats.estimators``)."""
     return stats.get(FULL, stats[comp])
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from susc_core.stats import ChainStats, concat_tokens
+from susc_core.stats.chain_stats import ChainStats, concat_tokens
 from workflows.plan import WorkUnit
 from workflows.unit_store import UnitStats
 

@@ -26,7 +26,7 @@ from plotly.offline import get_plotlyjs
 from susc_core.analysis import Analysis, AnalysisConfig, analyze
 from susc_core.analysis.analyze import class_score_means, standardized_all
 from susc_core.analysis.validation import diagnostic_flags
-from susc_core.results import RunResults, load_run
+from susc_core.analysis.results import RunResults, load_run
 from workflows import report_figures as figs
 
 TEMPLATE = Path(__file__).with_name("report_template.html")

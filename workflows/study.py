@@ -24,10 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 
 from susc_core.adapters.engine import run_adapter_unit
 from susc_core.adapters.load import load_adapter
-from susc_core.components import expand_names
-from susc_core.engine import NUMERICS_VERSION, run_unit
-from susc_core.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
-from susc_core.memory import peak_memory_mib
+from susc_core.model.components import expand_names
+from susc_core.engine.unit import NUMERICS_VERSION, run_unit
+from susc_core.model.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
+from susc_core.engine.memory import peak_memory_mib
 from workflows import outputs
 from workflows.execute import RunReport, run_units
 from workflows.plan import WorkUnit, plan_units

@@ -9,7 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from susc_core.analysis.config import AnalysisConfig
-from susc_core.sgld import SamplerConfig
+from susc_core.engine.sgld import SamplerConfig
 from workflows.execute import ClusterConfig
 
 FAMILIES = ("domains", "mixture", "tokens")
@@ -22,7 +22,7 @@ class ModelSection:
     ``adapter: bundled`` is a checkpoint of this project's model. ``hf`` is a Hugging Face model run
     through ``susc_core.adapters``: ``checkpoint`` is its save_pretrained directory or .gguf file, or
     ``gguf_package`` + ``gguf_file`` name a GGUF shipped in an installed package; the corpus documents
-    are then re-tokenised with the model's own tokenizer (``susc_core.retokenize``).
+    are then re-tokenised with the model's own tokenizer (``susc_core.data.retokenize``).
     """
 
     checkpoint: str = "${asset:default_model.safetensors}"  # bundled: safetensors; hf: directory or .gguf
@@ -78,7 +78,7 @@ class ComponentsSection:
 
     names: list[str] = field(default_factory=lambda: ["L*H*"])
     # add the unrestricted run that centres the estimator (SCIENCE.md §2); without it χ̂ is the restricted
-    # covariance -Cov_C[g, a] (susc_core.estimators) and there is no ordinary LLC
+    # covariance -Cov_C[g, a] (susc_core.stats.estimators) and there is no ordinary LLC
     include_full: bool = True
 
 

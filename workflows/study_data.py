@@ -3,7 +3,7 @@ probe contexts (with each probe token's identity and text for the outputs).
 
 The bundled model reads the built corpus (``train.parquet``, ``probes/``). An adapter model
 (``model.adapter: hf``) reads the same documents re-tokenised with its own tokenizer
-(``susc_core.retokenize``): baseline windows come from the train documents in the training mixture's
+(``susc_core.data.retokenize``): baseline windows come from the train documents in the training mixture's
 domain shares, probe windows from the probe documents, as in the built corpus.
 """
 
@@ -20,14 +20,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from susc_core import retokenize
+from susc_core.data import retokenize
 from susc_core.adapters.load import AdapterSpec, load_adapter, load_tokenizer, package_file
-from susc_core.checkpoint import file_sha256, load_model, path_sha256
-from susc_core.components import valid_component_names
-from susc_core.corpus import context_table, concat_contexts, load_context_table, load_documents
-from susc_core.model import ModelConfig, Params
-from susc_core.seeds import choose_contexts
-from susc_core.tokenizer import encode_documents
+from susc_core.model.checkpoint import file_sha256, load_model, path_sha256
+from susc_core.model.components import valid_component_names
+from susc_core.data.corpus import context_table, concat_contexts, load_context_table, load_documents
+from susc_core.model.transformer import ModelConfig, Params
+from susc_core.engine.seeds import choose_contexts
+from susc_core.data.tokenizer import encode_documents
 from workflows.study_config import FAMILIES, ModelSection, StudyConfig
 
 

@@ -21,13 +21,13 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 from tqdm import tqdm
 
-from susc_core.checkpoint import (file_sha256, load_model, load_training_state, save_model,
+from susc_core.model.checkpoint import (file_sha256, load_model, load_training_state, save_model,
                                   save_training_state)
-from susc_core.corpus import load_contexts
-from susc_core.head_roles import ablation_effects, head_census, head_labels, repeat_test_scores
-from susc_core.synthetic import repeated_random
-from susc_core.model import ModelConfig, Transformer, init_params, n_params
-from susc_core.training import (CurriculumConfig, OptimConfig, domain_losses, head_gate_hooks, make_optimizer,
+from susc_core.data.corpus import load_contexts
+from susc_core.model.head_roles import ablation_effects, head_census, head_labels, repeat_test_scores
+from susc_core.data.synthetic import repeated_random
+from susc_core.model.transformer import ModelConfig, Transformer, init_params, n_params
+from susc_core.model.training import (CurriculumConfig, OptimConfig, domain_losses, head_gate_hooks, make_optimizer,
                                 phase_at, sample_batch, total_steps, train_step)
 from workflows.runtime import get_logger, resolve_device
 
@@ -113,7 +113,7 @@ Trained by this project, offline, on the corpus built by `python -m workflows.bu
 Attention scores on {hs.n_seqs} sequences of {min(hs.half_len, cfg.arch.n_ctx // 2)} random tokens repeated
 twice. Ablation: mean loss increase (nats) when the head's output is zeroed, on {hs.natural_contexts} held-out
 contexts of each natural domain ({", ".join(hs.natural_domains)}) and on the second copy of the repeated
-sequences. Role (`susc_core.head_roles.head_census`): induction or previous-token when that score is
+sequences. Role (`susc_core.model.head_roles.head_census`): induction or previous-token when that score is
 ≥ {hs.role_threshold}; multigram when induction < {hs.multigram_max_induction} and the natural-text ablation
 increase is ≥ {hs.multigram_min_natural} nats and above the repeat increase; else other. Census: {counts}.
 

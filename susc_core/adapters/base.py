@@ -21,8 +21,8 @@ from typing import Protocol
 import torch
 from torch.func import functional_call
 
-from susc_core.chunked_nll import chunked_nll
-from susc_core.components import HEAD_RE, expand_names
+from susc_core.model.chunked_nll import chunked_nll
+from susc_core.model.components import HEAD_RE, expand_names
 
 Params = dict[str, torch.Tensor]
 Mask = dict[str, object]  # param name -> index expression or boolean mask

@@ -1,6 +1,6 @@
-"""The bundled model (``susc_core.model``) as a ``ModelAdapter``: the adapter path's reference point.
+"""The bundled model (``susc_core.model.transformer``) as a ``ModelAdapter``: the adapter path's reference point.
 
-Components are exactly those of ``susc_core.components`` (same names, same coordinates, same order),
+Components are exactly those of ``susc_core.model.components`` (same names, same coordinates, same order),
 so ``run_adapter_unit`` on this adapter reproduces ``engine.run_unit``'s statistics.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from .. import components as C
-from .. import model as M
+from susc_core.model import components as C
+from susc_core.model import transformer as M
 from .base import WHOLE, Mask, Params
 
 

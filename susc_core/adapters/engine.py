@@ -18,14 +18,14 @@ from functools import partial
 import torch
 from torch.func import vmap
 
-from ..accumulator import to_chain_stats
-from ..chains import reference_values, sample_chains
-from ..diagnostics import enforce_divergence_policy
-from ..engine import check_contexts
-from ..memory import MIB, peak_memory_mib
-from ..seeds import chain_streams
-from ..sgld import SamplerConfig
-from ..stats import ChainStats
+from susc_core.stats.accumulator import to_chain_stats
+from susc_core.engine.chains import reference_values, sample_chains
+from susc_core.stats.diagnostics import enforce_divergence_policy
+from susc_core.engine.unit import check_contexts
+from susc_core.engine.memory import MIB, peak_memory_mib
+from susc_core.engine.seeds import chain_streams
+from susc_core.engine.sgld import SamplerConfig
+from susc_core.stats.chain_stats import ChainStats
 from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
 
 log = logging.getLogger(__name__)

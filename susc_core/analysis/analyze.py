@@ -11,7 +11,7 @@ from susc_core.analysis.pca import PCAResult, pca_by_layer
 from susc_core.analysis.standardize import Standardization, finite_components, standardize
 from susc_core.analysis.token_classes import TokenClasses, classify_table
 from susc_core.analysis import validation
-from susc_core.results import RunResults
+from susc_core.analysis.results import RunResults
 
 
 class Analysis(NamedTuple):

@@ -10,9 +10,9 @@ under the same seeds.
 
 from __future__ import annotations
 
-from .components import HEAD_RE, component
-from .groups import HonestGroup, HonestHeadGroup
-from .model import ModelConfig, Params
+from susc_core.model.components import HEAD_RE, component
+from susc_core.engine.groups import HonestGroup, HonestHeadGroup
+from susc_core.model.transformer import ModelConfig, Params
 
 
 def plan_reference(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .corpus import Contexts, Document, contexts_from_documents
-from .seeds import stream_seed
-from .tokenizer import TokenSpans
+from susc_core.data.corpus import Contexts, Document, contexts_from_documents
+from susc_core.engine.seeds import stream_seed
+from susc_core.data.tokenizer import TokenSpans
 
 Encode = Callable[[Sequence[str]], list[TokenSpans]]  # texts -> each text's ids and character spans
 

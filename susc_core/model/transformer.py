@@ -21,7 +21,7 @@ from typing import Callable, Mapping
 import torch
 import torch.nn.functional as F
 
-from .chunked_nll import chunked_nll
+from susc_core.model.chunked_nll import chunked_nll
 
 Params = dict[str, torch.Tensor]
 Hooks = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from .tokenizer import TokenSpans
+from susc_core.data.tokenizer import TokenSpans
 
 
 class Document(NamedTuple):

@@ -16,7 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 EOT = "<|endoftext|>"
-DEFAULT_PATH = Path(__file__).parent / "assets" / "tokenizer.json"
+DEFAULT_PATH = Path(__file__).parents[1] / "assets" / "tokenizer.json"
 
 
 class TokenSpans(NamedTuple):

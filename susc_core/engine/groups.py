@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
-from . import model as M
-from .components import Component, scatter, unflatten
-from .fused_nll import chain_rows, fused_nll
-from .lowrank import applies as lowrank_applies, final_map, inv_sigma
+from susc_core.model import transformer as M
+from susc_core.model.components import Component, scatter, unflatten
+from susc_core.engine.fused_nll import chain_rows, fused_nll
+from susc_core.engine.lowrank import applies as lowrank_applies, final_map, inv_sigma
 
 
 def upstream(params: M.Params, cfg: M.ModelConfig, inputs: torch.Tensor, layer: int) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .stats import ChainStats
+from susc_core.stats.chain_stats import ChainStats
 
 
 class Accumulator(NamedTuple):

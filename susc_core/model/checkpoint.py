@@ -15,7 +15,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
-from susc_core.model import ModelConfig, Params, param_shapes
+from susc_core.model.transformer import ModelConfig, Params, param_shapes
 
 CONFIG_KEY = "susc.model_config"
 
@@ -56,7 +56,7 @@ def load_model(path: str | Path, expected: ModelConfig | None = None) -> tuple[M
     meta = read_metadata(path)
     if CONFIG_KEY not in meta:
         raise CheckpointError(f"checkpoint {path} has no '{CONFIG_KEY}' metadata: it was not written by "
-                              f"susc_core.checkpoint.save_model; re-save it with save_model(path, cfg, params)")
+                              f"susc_core.model.checkpoint.save_model; re-save it with save_model(path, cfg, params)")
     try:
         cfg = ModelConfig(**json.loads(meta[CONFIG_KEY]))
     except (TypeError, json.JSONDecodeError) as err:

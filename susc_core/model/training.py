@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from susc_core.components import HEAD_RE, expand_names
-from susc_core.head_roles import head_labels
-from susc_core.model import Hooks, ModelConfig, Params, logits, per_token_loss
-from susc_core.synthetic import gapped_repeats, tiled_repeats
+from susc_core.model.components import HEAD_RE, expand_names
+from susc_core.model.head_roles import head_labels
+from susc_core.model.transformer import Hooks, ModelConfig, Params, logits, per_token_loss
+from susc_core.data.synthetic import gapped_repeats, tiled_repeats
 
 
 @dataclass
@@ -149,7 +149,7 @@ def mean_loss(params: Params, cfg: ModelConfig, batch: torch.Tensor, hooks: Hook
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: torch.Tensor,
                optim: OptimConfig, step: int, hooks: Hooks | None = None) -> float:
     """One AdamW step on the mean loss of ``batch`` [batch, seq] (through ``hooks``, e.g. the phase's
-    head gate); returns the loss (nats). ``model`` is a :class:`~susc_core.model.Transformer`."""
+    head gate); returns the loss (nats). ``model`` is a :class:`~susc_core.model.transformer.Transformer`."""
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(optim, step)
     optimizer.zero_grad(set_to_none=True)

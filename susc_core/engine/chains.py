@@ -16,8 +16,8 @@ from typing import Callable, NamedTuple, Protocol, Sequence
 
 import torch
 
-from .accumulator import Accumulator, add_draw, init_accumulator, mark_divergence
-from .sgld import SamplerConfig, draw_noise, sgld_update
+from susc_core.stats.accumulator import Accumulator, add_draw, init_accumulator, mark_divergence
+from susc_core.engine.sgld import SamplerConfig, draw_noise, sgld_update
 
 
 class Group(Protocol):

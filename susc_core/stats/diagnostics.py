@@ -11,7 +11,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from .stats import ChainStats
+from susc_core.stats.chain_stats import ChainStats
 
 MIN_DRAWS = 4  # split-R-hat and ESS split each chain in halves of at least 2 draws
 

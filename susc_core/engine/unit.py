@@ -16,16 +16,16 @@ from collections import defaultdict
 
 import torch
 
-from .accumulator import to_chain_stats
-from .chains import reference_values, sample_chains
-from .components import HEAD_RE, component, gather, resolve_components
-from .diagnostics import enforce_divergence_policy
-from .engine_reference import plan_reference
-from .groups import CachedGroup, HeadGroup
-from .model import ModelConfig, Params, param_shapes, per_token_loss
-from .seeds import chain_streams
-from .sgld import SamplerConfig
-from .stats import ChainStats
+from susc_core.stats.accumulator import to_chain_stats
+from susc_core.engine.chains import reference_values, sample_chains
+from susc_core.model.components import HEAD_RE, component, gather, resolve_components
+from susc_core.stats.diagnostics import enforce_divergence_policy
+from susc_core.engine.reference import plan_reference
+from susc_core.engine.groups import CachedGroup, HeadGroup
+from susc_core.model.transformer import ModelConfig, Params, param_shapes, per_token_loss
+from susc_core.engine.seeds import chain_streams
+from susc_core.engine.sgld import SamplerConfig
+from susc_core.stats.chain_stats import ChainStats
 
 MODES = ("batched", "reference")
 # bump when a change alters the statistics a unit returns (beyond float tolerance): studies key their

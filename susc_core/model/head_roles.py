@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from susc_core.model import ModelConfig, Params, final_norm, per_token_loss
-from susc_core.synthetic import repeated_random
+from susc_core.model.transformer import ModelConfig, Params, final_norm, per_token_loss
+from susc_core.data.synthetic import repeated_random
 
 
 def head_labels(cfg: ModelConfig) -> list[str]:

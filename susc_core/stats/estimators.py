@@ -19,8 +19,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .diagnostics import ess, g_traces, split_rhat
-from .stats import ChainStats, pool
+from susc_core.stats.diagnostics import ess, g_traces, split_rhat
+from susc_core.stats.chain_stats import ChainStats, pool
 
 
 class Estimate(NamedTuple):

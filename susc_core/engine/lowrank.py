@@ -17,7 +17,7 @@ from typing import NamedTuple
 
 import torch
 
-from .model import ModelConfig, Params
+from susc_core.model.transformer import ModelConfig, Params
 
 
 class FinalMap(NamedTuple):

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .model import ModelConfig, Params, param_shapes
+from susc_core.model.transformer import ModelConfig, Params, param_shapes
 
 HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
 HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
