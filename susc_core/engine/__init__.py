@@ -1,0 +1,1 @@
+"""The SGLD engine: the kernel, named random streams, stacks of chains, one work unit."""

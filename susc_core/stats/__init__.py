@@ -1,0 +1,1 @@
+"""Streaming, mergeable statistics per (component, chain) and the estimators and diagnostics built on them."""
