@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from susc_core.model.checkpoint import (CheckpointError, load_model, load_training_state, save_model,
-                                  save_training_state)
+                                        save_training_state)
 from susc_core.model.transformer import ModelConfig, init_params
 
 CFG = ModelConfig(n_layers=1, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from susc_core.model.chunked_nll import chunked_nll
 from susc_core.model.transformer import (ModelConfig, Transformer, final_norm, init_params, logits, n_params,
-                             param_shapes, per_token_loss)
+                                         param_shapes, per_token_loss)
 
 TINY = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=32, loss_chunk_tokens=5)
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 
 from susc_core.data import corpus, synthetic
 from susc_core.data.tokenizer import (EOT, clean_token_ids, encode_documents, load_tokenizer, token_strings,
-                                 tokenizer_hash, train_tokenizer)
+                                      tokenizer_hash, train_tokenizer)
 from workflows import corpus_sources as sources
 from workflows.runtime import get_logger
 

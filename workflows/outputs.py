@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -39,6 +40,17 @@ def reference(stats: dict[str, list[ChainStats]], comp: str) -> list[ChainStats]
     return stats.get(FULL, stats[comp])
 
 
+def context_halves(probe_rows: pa.Table) -> np.ndarray:
+    """"a" / "b" for each probe context [P] (object array), alternating over each probe's contexts in
+    order: half a feeds the per-token aggregate, half b the dataset-level estimate (disjoint data)."""
+    seen: Counter[str] = Counter()
+    halves = []
+    for p in probe_rows.column("probe").to_pylist():
+        halves.append("a" if seen[p] % 2 == 0 else "b")
+        seen[p] += 1
+    return np.asarray(halves, dtype=object)
+
+
 def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[str]]) -> dict[str, np.ndarray | list]:
     """Key columns of the per-token tables; position t predicts token t+1 of its context.
 
@@ -49,15 +61,9 @@ def token_keys(probe_rows: pa.Table, probe_tokens: np.ndarray, texts: list[list[
     n_ctx, width = probe_tokens.shape
     positions = np.tile(np.arange(width - 1, dtype=np.int32), n_ctx)
     rows = np.repeat(np.arange(n_ctx), width - 1)
-    probes = probe_rows.column("probe").to_pylist()
-    seen: Counter[str] = Counter()
-    rank = []  # index of each context within its probe
-    for p in probes:
-        rank.append(seen[p])
-        seen[p] += 1
     return {
-        "probe": np.asarray(probes, dtype=object)[rows],
-        "half": np.asarray(["a" if r % 2 == 0 else "b" for r in rank], dtype=object)[rows],
+        "probe": np.asarray(probe_rows.column("probe").to_pylist(), dtype=object)[rows],
+        "half": context_halves(probe_rows)[rows],
         "domain": np.asarray(probe_rows.column("domain").to_pylist(), dtype=object)[rows],
         "context_id": probe_rows.column("context_id").to_numpy()[rows],
         "position": positions,
@@ -85,14 +91,23 @@ def zscore(values: np.ndarray) -> np.ndarray:
     return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
 
 
+class DatasetRun(NamedTuple):
+    """The chains of an independent dataset-level run and the probe of each token they observed."""
+
+    stats: dict[str, list[ChainStats]]
+    token_probe: np.ndarray  # [T_dataset] index into the study's probe names
+    source: str  # how the run was made (seed, draws, batch), recorded in the table's metadata
+
+
 def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.ndarray,
                    stats: dict[str, list[ChainStats]], chi: dict[str, np.ndarray], components: list[str],
-                   layers: dict[str, int], delta_h: float) -> pa.Table:
+                   layers: dict[str, int], delta_h: float, dataset: DatasetRun | None = None) -> pa.Table:
     """Long response matrix: one row per (probe, component), raw, standardised, SE, mixture estimate.
 
     token_probe: [T] index into probe_names of each probe token; half: [T] "a"/"b" (see token_keys).
     ``chi`` is the mean χ̂_xy over all the probe's tokens; ``chi_mixture`` the δh-mixture estimate
-    -Cov[g, ΔL_h] on the probe's half-b contexts (an estimate of δh·χ from disjoint data).
+    -Cov[g, ΔL_h] (an estimate of δh·χ) on the probe's half-b contexts: from the independent run
+    ``dataset`` when given, else from the per-token run's own chains.
     """
     n_probes = len(probe_names)
     counts = np.bincount(token_probe, minlength=n_probes)
@@ -103,17 +118,38 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
     for j, comp in enumerate(components):
         for i, probe in enumerate(probe_names):
             weights = (token_probe == i) / counts[i]
-            mix_tokens = (token_probe == i) & held_out
-            mix_weights = mix_tokens / mix_tokens.sum() if mix_tokens.any() else weights
             ref = reference(stats, comp)
             per_chain = [mixture_chi([c], ref, weights, 1.0).value for c in stats[comp] if not c.diverged]
             se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
+            if dataset is None:
+                mix_tokens = (token_probe == i) & held_out
+                mix_weights = mix_tokens / mix_tokens.sum() if mix_tokens.any() else weights
+                mixture = mixture_chi(stats[comp], ref, mix_weights, delta_h).value
+            else:
+                mix_tokens = dataset.token_probe == i
+                mixture = mixture_chi(dataset.stats[comp], reference(dataset.stats, comp),
+                                      mix_tokens / mix_tokens.sum(), delta_h).value
             records.append({"probe": probe, "component": comp, "layer": layers[comp], "chi": raw[i, j],
-                            "chi_se": se, "chi_std": std[i, j],
-                            "chi_mixture": mixture_chi(stats[comp], ref, mix_weights, delta_h).value,
+                            "chi_se": se, "chi_std": std[i, j], "chi_mixture": mixture,
                             "n_tokens": int(counts[i])})
+    source = "per-token run's chains, half-b contexts" if dataset is None else dataset.source
     return pa.Table.from_pylist(records).replace_schema_metadata(
-        _meta(components, layers, delta_h=delta_h, standardisation="z-score per component over probes"))
+        _meta(components, layers, delta_h=delta_h, standardisation="z-score per component over probes",
+              chi_mixture_source=source))
+
+
+def chain_sums_table(stats: dict[str, list[ChainStats]], chains: dict[str, list[int]]) -> pa.Table:
+    """chain_sums: one row per (component, chain) with the sums every estimate is made of (count, Σg,
+    Σg·a_t [T], Σa_t [T], divergence), so that an analysis can resample chains (a bootstrap) without
+    rerunning them."""
+    records = [{"component": comp, "chain": chain, "count": s.count, "sum_g": s.sum_g, "diverged": bool(s.diverged),
+                "sum_ga": s.sum_ga, "sum_a": s.sum_a}
+               for comp in sorted(stats) for chain, s in zip(chains[comp], stats[comp])]
+    return pa.table({"component": [r["component"] for r in records], "chain": [r["chain"] for r in records],
+                     "count": [r["count"] for r in records], "sum_g": [r["sum_g"] for r in records],
+                     "diverged": [r["diverged"] for r in records],
+                     "sum_ga": pa.array([r["sum_ga"] for r in records], pa.list_(pa.float64())),
+                     "sum_a": pa.array([r["sum_a"] for r in records], pa.list_(pa.float64()))})
 
 
 def token_response_table(keys: dict, chi: dict[str, np.ndarray], se: dict[str, np.ndarray],

@@ -150,7 +150,12 @@ def render(run: RunResults, analysis: Analysis, cfg: AnalysisConfig) -> str:
                f"<p>Probes × components, column <code>{html.escape(opts.heatmap_value)}</code>.</p>"
                + figs.fragment(figs.heatmap_figure(run.response, opts.heatmap_value,
                                                    opts.diverging_colorscale), "fig-heatmap"))
-    content = "\n".join([header, _checks_section(analysis), _pca_sections(run, analysis, cfg),
+    replication = ("<h2 id='replication'>Replication of the paper's structural finding</h2><p>Our figures beside "
+                   "the paper's (SCIENCE.md §5); flagged rows missed the acceptance rule of "
+                   "<code>analysis.replication</code>.</p>"
+                   + html_table(analysis.replication, [r["status"] == "flag" for r in analysis.replication])
+                   if analysis.replication else "")
+    content = "\n".join([header, replication, _checks_section(analysis), _pca_sections(run, analysis, cfg),
                          heatmap, _diagnostics_section(run, cfg)])
     viewer = figs.viewer_payload(run.tokens, analysis, standardized_all(run, analysis), opts)
     values = {"title": html.escape(f"Susceptibility report: {run.run_dir.name}"),
@@ -170,6 +175,7 @@ def summary(analysis: Analysis, cfg: AnalysisConfig) -> dict:
                        "loadings": res.loadings.tolist()} for key, res in analysis.pcas.items()},
         "checks": [{"name": c.name, "status": c.status, "summary": c.summary}
                    for c in analysis.checks],
+        "replication": analysis.replication,
     }
 
 
@@ -190,6 +196,11 @@ def markdown(analysis: Analysis, n_pcs: int) -> str:
         lines += [f"| {r['class']} | {r['tokens']} | " + " | ".join(f"{r[p]:+.3f}" for p in pcs[:k]) + " |"
                   for r in class_score_means(analysis, key, k)]
     lines += ["", *(f"- {c.name}: **{c.status}**, {c.summary}" for c in analysis.checks)]
+    if analysis.replication:
+        lines += ["", "Replication (the paper's figures beside ours):", "",
+                  "| figure | PCA | ours | interval | paper | status |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['figure']} | {r['pca']} | {r['ours']} | {r['interval']} | {r['paper']} | {r['status']} |"
+                  for r in analysis.replication]
     return "\n".join(lines) + "\n"
 
 

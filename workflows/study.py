@@ -26,7 +26,9 @@ from susc_core.adapters.engine import run_adapter_unit
 from susc_core.adapters.load import load_adapter
 from susc_core.model.components import expand_names
 from susc_core.engine.unit import NUMERICS_VERSION, run_unit
-from susc_core.model.head_roles import ablation_loss_deltas, head_labels, repeat_test_scores
+from susc_core.data.synthetic import repeated_random
+from susc_core.model.head_roles import (ablation_effects, ablation_loss_deltas, head_census, head_labels,
+                                        repeat_test_scores)
 from susc_core.engine.memory import peak_memory_mib
 from workflows import outputs
 from workflows.execute import RunReport, run_units
@@ -70,14 +72,23 @@ def _code_version() -> str:
 
 
 def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray | None]:
-    """head_roles table and ablation deltas [heads, T] on the probe tokens (bundled model only)."""
-    mc = inputs.model_cfg
-    scores = repeat_test_scores(inputs.w_star, mc, np.random.default_rng([cfg.seed, 2]), cfg.head_roles.n_seqs,
-                                cfg.head_roles.half_len)
+    """head_roles table (attention scores, the multigram measure, the role census) and ablation deltas
+    [heads, T] on the probe tokens (bundled model only). The multigram measure's natural text is the probe
+    contexts of ``head_roles.census.natural_domains`` in this study (roles from the scores alone when it has none)."""
+    mc, hr = inputs.model_cfg, cfg.head_roles
+    scores = repeat_test_scores(inputs.w_star, mc, np.random.default_rng([cfg.seed, 2]), hr.n_seqs, hr.half_len)
     labels = head_labels(mc)
+    natural = np.isin(np.asarray(inputs.probe_rows.column("domain").to_pylist(), dtype=object),
+                      hr.census.natural_domains)
+    half = min(hr.half_len, mc.n_ctx // 2)
+    repeated = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 4]), hr.n_seqs, half, 1, mc.d_vocab))
+    effects = (ablation_effects(inputs.w_star, mc, inputs.probe[torch.from_numpy(natural)], repeated) if natural.any()
+               else {"natural": np.full(len(labels), np.nan), "repeat": np.full(len(labels), np.nan)})
+    roles = head_census(scores, effects, hr.census)
     table = pa.table({"component": labels, "layer": [i // mc.n_heads for i in range(len(labels))],
-                      "head": [i % mc.n_heads for i in range(len(labels))], **scores})
-    deltas = ablation_loss_deltas(inputs.w_star, mc, inputs.probe) if cfg.head_roles.ablation else None
+                      "head": [i % mc.n_heads for i in range(len(labels))], **scores,
+                      "ablation_natural": effects["natural"], "ablation_repeat": effects["repeat"], "role": roles})
+    deltas = ablation_loss_deltas(inputs.w_star, mc, inputs.probe) if hr.ablation else None
     return table, (deltas.reshape(len(labels), -1).numpy() if deltas is not None else None)
 
 
@@ -118,6 +129,7 @@ def _fingerprint(cfg: StudyConfig, inputs: StudyInputs) -> dict:
 def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     """Run one study; returns its summary (also the sweep-summary row). ``resolved``: the config as a dict."""
     start = time.perf_counter()
+    check_dataset_level(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     attached = cfg.cluster.executor == "ray" and cfg.cluster.address != "local"
@@ -139,6 +151,7 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     report: RunReport = run_units(units, unit_task, _shared(cfg, inputs), cfg.cluster, store)
     stats = collect(units, {u.key: store.load(u.key) for u in units})
     chains = {comp: list(range(cfg.sampler.n_chains)) for comp in stats}
+    dataset = _dataset_level_run(cfg, inputs, planned, store, run_dir) if cfg.dataset_level.enabled else None
 
     layers = outputs.layers_of(inputs.n_layers, components)
     texts = token_texts(cfg.data.corpus_dir, inputs.probe_rows, inputs.probe.shape[1])
@@ -157,10 +170,11 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
         matrix = outputs.token_response_table(keys, chi, se, rows, components, layers)
     else:
         matrix = outputs.response_table(probe_names, token_probe, keys["half"], stats, chi, components, layers,
-                                         cfg.perturbation.delta_h)
+                                         cfg.perturbation.delta_h, dataset)
     outputs.write_parquet(matrix, run_dir / "response_matrix.parquet")
     diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains)
     outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
+    outputs.write_parquet(outputs.chain_sums_table(stats, chains), run_dir / "chain_sums.parquet")
     _write_head_roles(inputs, cfg, keys, run_dir)
 
     summary = {
@@ -186,6 +200,55 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
              "unit's process): %s", summary["wall_s"], report.computed, report.cached, summary["peak_rss_mib_driver"],
              report.peak_rss_mib, run_dir)
     return summary
+
+
+def check_dataset_level(cfg: StudyConfig) -> None:
+    """Fail before any work when the independent dataset-level run cannot be made as configured."""
+    dl = cfg.dataset_level
+    if not dl.enabled:
+        return
+    if dl.seed == cfg.seed:
+        raise ValueError(f"dataset_level.seed={dl.seed} equals the study's seed: its chains would repeat the per-token "
+                         "run's; choose another dataset_level.seed")
+    if dl.contexts_per_probe < 0:
+        raise ValueError(f"dataset_level.contexts_per_probe must be >= 0 (0 = every half-b context), got "
+                         f"{dl.contexts_per_probe}")
+    if cfg.perturbation.family == "tokens" or cfg.perturbation.contexts_per_probe < 2:
+        raise ValueError("dataset_level needs a dataset family (domains or mixture) with perturbation.contexts_per_probe "
+                         f">= 2 (half b, every second context, is what it observes); got family="
+                         f"{cfg.perturbation.family!r}, contexts_per_probe={cfg.perturbation.contexts_per_probe}")
+
+
+def _dataset_level_run(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store: UnitStore,
+                       run_dir: Path) -> outputs.DatasetRun:
+    """The independent dataset-level run: every planned component's chains again, with the seed, draws and
+    minibatch size of ``cfg.dataset_level``, observed on each probe's half-b contexts; its units are cached
+    like the per-token run's. Writes ``dataset_level_diagnostics.parquet``."""
+    dl = cfg.dataset_level
+    probes = inputs.probe_rows.column("probe").to_pylist()
+    held_out = np.flatnonzero(outputs.context_halves(inputs.probe_rows) == "b")
+    if dl.contexts_per_probe:  # the first contexts_per_probe half-b contexts of each probe
+        by_probe: dict[str, list[int]] = {}
+        for i in held_out:
+            by_probe.setdefault(probes[i], []).append(int(i))
+        held_out = np.asarray([i for rows in by_probe.values() for i in rows[:dl.contexts_per_probe]])
+    sampler = replace(cfg.sampler, n_draws=dl.n_draws, batch_size=dl.batch_size)
+    run_cfg = replace(cfg, sampler=sampler, seed=dl.seed, units=replace(cfg.units, probe_shards=1))
+    sub = replace(inputs, probe=inputs.probe[torch.from_numpy(held_out)], probe_rows=inputs.probe_rows.take(held_out))
+    units = plan_units(planned, sampler.n_chains, 1, cfg.units.components_per_unit, cfg.units.chains_per_unit,
+                       _fingerprint(run_cfg, sub) | {"run": "dataset_level"})
+    log.info("independent dataset-level run: %d components × %d chains × %d draws (batch %d, seed %d) on %d held-out "
+             "probe contexts; %d units", len(planned), sampler.n_chains, sampler.n_draws, sampler.batch_size, dl.seed,
+             len(held_out), len(units))
+    run_units(units, unit_task, _shared(run_cfg, sub), cfg.cluster, store)
+    stats = collect(units, {u.key: store.load(u.key) for u in units})
+    chains = {comp: list(range(sampler.n_chains)) for comp in stats}
+    outputs.write_parquet(outputs.diagnostics_table(stats, sampler.nbeta, chains),
+                          run_dir / "dataset_level_diagnostics.parquet")
+    names = list(dict.fromkeys(probes))
+    token_probe = np.repeat([names.index(probes[i]) for i in held_out], inputs.probe.shape[1] - 1)
+    return outputs.DatasetRun(stats, token_probe, f"independent dataset-level run: seed {dl.seed}, {sampler.n_chains} "
+                              f"chains × {dl.n_draws} draws, batch {dl.batch_size}, {len(held_out)} half-b contexts")
 
 
 def _cluster_resources(cfg: StudyConfig) -> dict:

@@ -9,6 +9,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from susc_core.analysis.config import AnalysisConfig
+from susc_core.model.head_roles import CensusRules
 from susc_core.engine.sgld import SamplerConfig
 from workflows.execute import ClusterConfig
 
@@ -92,12 +93,30 @@ class UnitsSection:
 
 
 @dataclass
+class DatasetLevelSection:
+    """An independent dataset-level run (SCIENCE.md §2): the same components (and full run) sampled
+    again with chains of their own seed, minibatch size and draw count, observed on each probe's held-out
+    half-b contexts only. When enabled, the response matrix's δh-mixture estimate ``chi_mixture`` comes
+    from these chains, so the check "aggregated per-token (half a, per-token run) vs dataset-level χ,
+    slope ≈ 1/δh" compares two independent runs on disjoint data (paper: 200 draws, batch 64)."""
+
+    enabled: bool = False
+    seed: int = 1  # root seed of its chains; must differ from the study's seed
+    n_draws: int = 200  # draws per chain (paper dataset-level: 200)
+    batch_size: int = 64  # SGLD minibatch sequences (paper dataset-level: 64)
+    contexts_per_probe: int = 0  # half-b contexts per probe it observes; 0: every half-b context
+
+
+@dataclass
 class HeadRolesSection:
     """Head-role probes written next to the matrix for validation."""
 
     n_seqs: int = 16  # repeated random sequences
     half_len: int = 50  # tokens before the repeat
     ablation: bool = True  # per-token zero-ablation loss deltas of every head on the probe tokens
+    # role census with the multigram measure: ablation on the natural domains' probe contexts of this study
+    # vs on the second copy of repeated random tokens
+    census: CensusRules = field(default_factory=CensusRules)
 
 
 @dataclass
@@ -111,6 +130,7 @@ class StudyConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     units: UnitsSection = field(default_factory=UnitsSection)
     head_roles: HeadRolesSection = field(default_factory=HeadRolesSection)
+    dataset_level: DatasetLevelSection = field(default_factory=DatasetLevelSection)
     seed: int = 0
     run_dir: str = "${hydra:runtime.output_dir}"
     cache_dir: str = "outputs/unit_cache"  # finished units, shared by every run (resume + idempotence)

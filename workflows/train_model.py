@@ -22,13 +22,13 @@ from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from susc_core.model.checkpoint import (file_sha256, load_model, load_training_state, save_model,
-                                  save_training_state)
+                                        save_training_state)
 from susc_core.data.corpus import load_contexts
-from susc_core.model.head_roles import ablation_effects, head_census, head_labels, repeat_test_scores
+from susc_core.model.head_roles import CensusRules, ablation_effects, head_census, head_labels, repeat_test_scores
 from susc_core.data.synthetic import repeated_random
 from susc_core.model.transformer import ModelConfig, Transformer, init_params, n_params
 from susc_core.model.training import (CurriculumConfig, OptimConfig, domain_losses, head_gate_hooks, make_optimizer,
-                                phase_at, sample_batch, total_steps, train_step)
+                                      phase_at, sample_batch, total_steps, train_step)
 from workflows.runtime import get_logger, resolve_device
 
 log = get_logger("train_model")
@@ -38,12 +38,8 @@ log = get_logger("train_model")
 class HeadScoreConfig:
     n_seqs: int = 16  # repeated random sequences scored
     half_len: int = 50  # tokens before the repeat (the paper-style 50-token test)
-    role_threshold: float = 0.4  # a head with score >= this counts as having that role
-    # the multigram measure: zero-ablation loss increase on natural text vs on repeated random tokens
-    natural_domains: list[str] = field(default_factory=lambda: ["shakespeare", "bible", "legal", "code", "docs"])
-    natural_contexts: int = 16  # held-out contexts per natural domain for the ablation
-    multigram_max_induction: float = 0.15  # a multigram head's induction score is below this
-    multigram_min_natural: float = 0.01  # and its ablation raises the natural-text loss by at least this (nats)
+    natural_contexts: int = 16  # held-out probe contexts per natural domain for the multigram measure
+    census: CensusRules = field(default_factory=CensusRules)  # role rules (model_card's census)
 
 
 @dataclass
@@ -62,6 +58,8 @@ class TrainAppConfig:
     checkpoint_every: int = 250
     export_to: str | None = None  # folder that receives model.safetensors renamed + MODEL_CARD.md
     export_name: str = "default_model.safetensors"
+    export_card: str = "MODEL_CARD.md"  # the card's name in export_to
+    notes_file: str | None = "susc_core/assets/TRAINING_NOTES.md"  # what was tried (prose), appended to the card
 
 
 ConfigStore.instance().store(name="train_model_schema", node=TrainAppConfig)
@@ -112,10 +110,10 @@ Trained by this project, offline, on the corpus built by `python -m workflows.bu
 ## Head scores and roles
 Attention scores on {hs.n_seqs} sequences of {min(hs.half_len, cfg.arch.n_ctx // 2)} random tokens repeated
 twice. Ablation: mean loss increase (nats) when the head's output is zeroed, on {hs.natural_contexts} held-out
-contexts of each natural domain ({", ".join(hs.natural_domains)}) and on the second copy of the repeated
+contexts of each natural domain ({", ".join(hs.census.natural_domains)}) and on the second copy of the repeated
 sequences. Role (`susc_core.model.head_roles.head_census`): induction or previous-token when that score is
-≥ {hs.role_threshold}; multigram when induction < {hs.multigram_max_induction} and the natural-text ablation
-increase is ≥ {hs.multigram_min_natural} nats and above the repeat increase; else other. Census: {counts}.
+≥ {hs.census.role_threshold}; multigram when induction < {hs.census.multigram_max_induction} and the natural-text
+ablation increase is ≥ {hs.census.multigram_min_natural} nats and above the repeat increase; else other. Census: {counts}.
 
 | head | induction | previous-token | current-token | ablation natural | ablation repeat | role |
 |---|---|---|---|---|---|---|
@@ -129,12 +127,12 @@ def head_roles_of(params: dict, cfg: TrainAppConfig, corpus: Path) -> tuple[dict
     hs = cfg.head_scores
     scores = repeat_test_scores(params, cfg.arch, np.random.default_rng([cfg.seed, 1]), hs.n_seqs, hs.half_len)
     natural = torch.cat([load_contexts(corpus / "probes" / f"{d}.parquet")[:hs.natural_contexts, : cfg.arch.n_ctx + 1]
-                         for d in hs.natural_domains])
+                         for d in hs.census.natural_domains])
     half = min(hs.half_len, cfg.arch.n_ctx // 2)
     repeated = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 2]), hs.n_seqs, half, 1,
                                                 cfg.arch.d_vocab))
     effects = ablation_effects(params, cfg.arch, natural, repeated)
-    roles = head_census(scores, effects, hs.role_threshold, hs.multigram_max_induction, hs.multigram_min_natural)
+    roles = head_census(scores, effects, hs.census)
     return scores, effects, roles
 
 
@@ -206,6 +204,8 @@ def train(cfg: TrainAppConfig) -> dict:
         "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
     }
     card = model_card(cfg, summary)
+    if cfg.notes_file and Path(cfg.notes_file).exists():
+        card += "\n" + Path(cfg.notes_file).read_text()
     (out / "MODEL_CARD.md").write_text(card)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     log.info("head scores:\n%s", card.split("## Head scores", 1)[1])
@@ -213,8 +213,8 @@ def train(cfg: TrainAppConfig) -> dict:
         export = Path(cfg.export_to)
         export.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(weights_path, export / cfg.export_name)
-        (export / "MODEL_CARD.md").write_text(card)
-        log.info("exported %s and MODEL_CARD.md to %s", cfg.export_name, export)
+        (export / cfg.export_card).write_text(card)
+        log.info("exported %s and %s to %s", cfg.export_name, cfg.export_card, export)
     return summary
 
 

@@ -11,6 +11,7 @@ from susc_core.analysis.pca import PCAResult, pca_by_layer
 from susc_core.analysis.standardize import Standardization, finite_components, standardize
 from susc_core.analysis.token_classes import TokenClasses, classify_table
 from susc_core.analysis import validation
+from susc_core.analysis.replication import replication_rows
 from susc_core.analysis.results import RunResults
 
 
@@ -22,6 +23,7 @@ class Analysis(NamedTuple):
     pcas: dict[str, PCAResult]  # "L0", "L1", ..., "all" (scores for the selected rows)
     classes: TokenClasses  # for every row of run.tokens
     checks: list[validation.Check]
+    replication: list[dict]  # the paper's figures beside ours (``replication.py``); empty unless enabled
 
 
 def sample_rows(probes: np.ndarray, max_per_probe: int, seed: int) -> np.ndarray:
@@ -82,5 +84,13 @@ def analyze(run: RunResults, cfg: AnalysisConfig) -> Analysis:
         validation.aggregation_slope(run.tokens, run.response, kept, run.delta_h, rules),
         validation.sampler_diagnostics(run.diagnostics, rules),
     ]
-    return Analysis(tuple(kept), tuple(dropped), rows, st, pcas,
-                    classify_table(run.tokens, cfg.token_classes), checks)
+    classes = classify_table(run.tokens, cfg.token_classes)
+    replication = []
+    if cfg.replication.enabled:
+        missing = [f for f, t in (("chain_sums.parquet", run.chain_sums), ("head_roles.parquet", run.head_roles))
+                   if t is None]
+        if missing:
+            raise ValueError(f"analysis.replication.enabled needs {missing} in {run.run_dir} (a study of the bundled "
+                             "model writes both); set analysis.replication.enabled=false for this run")
+        replication = replication_rows(z, pcas, rows, classes, run, checks, cfg)
+    return Analysis(tuple(kept), tuple(dropped), rows, st, pcas, classes, checks, replication)

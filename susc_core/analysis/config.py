@@ -66,6 +66,29 @@ class ReportOptions:
 
 
 @dataclass
+class ReplicationConfig:
+    """The replication section (``replication.py``): our figures beside the paper's (SCIENCE.md §5)
+    with bootstrap intervals, and the acceptance rules of issue 15 (a missed rule is flagged)."""
+
+    enabled: bool = False  # on in +experiment=replication; needs chain_sums.parquet and head_roles.parquet
+    n_bootstrap: int = 200  # resamples of chains (per component, with replacement) and of tokens
+    interval: float = 0.9  # central bootstrap interval reported
+    # token classes compared on PC2 (the paper: induction-pattern tokens vs word-part tokens)
+    pc2_classes: list[str] = field(default_factory=lambda: ["induction_pattern", "word_part"])
+    pc3_classes: list[str] = field(default_factory=lambda: ["left_delimiter", "right_delimiter"])
+    # the paper's figures (SCIENCE.md §5, §2)
+    paper_pc1_variance: dict[str, float] = field(default_factory=lambda: {"L0": 0.95, "L1": 0.99})
+    paper_ablation_r: float = 0.0
+    paper_slope: float = 9.794
+    paper_slope_r: float = 0.958
+    # acceptance (issue 15 item 4)
+    min_auc: float = 0.9  # PC2 AUC, induction heads vs the other heads (layer 1 or all heads)
+    min_auc_lower: float = 0.75  # lower end of its bootstrap interval
+    max_abs_ablation_r: float = 0.2  # |mean r| of χ̂ against zero-ablation deltas
+    min_rhat_share: float = 0.5  # share of (component, chain) pairs with R-hat <= validation.max_rhat
+
+
+@dataclass
 class AnalysisConfig:
     """Standardisation, PCA, token classes, validation and report settings."""
 
@@ -76,3 +99,4 @@ class AnalysisConfig:
     token_classes: TokenClassRules = field(default_factory=TokenClassRules)
     validation: ValidationRules = field(default_factory=ValidationRules)
     report: ReportOptions = field(default_factory=ReportOptions)
+    replication: ReplicationConfig = field(default_factory=ReplicationConfig)

@@ -10,8 +10,10 @@ Files a study writes (``workflows.study``):
 - ``diagnostics.parquet``: one row per (component, chain): ``component``, ``chain``, ``rhat``,
   ``ess``, ``diverged``, ``diverged_step``, ``llc``, ``mean_g``.
 - optional ``head_roles.parquet`` (``component``, ``layer``, ``head``, ``induction``,
-  ``previous_token``, ``current_token``) and ``ablation.parquet`` (the token keys, then one
-  zero-ablation loss delta in nats per head).
+  ``previous_token``, ``current_token``; studies add ``ablation_natural``, ``ablation_repeat``, ``role``),
+  ``ablation.parquet`` (the token keys, then one zero-ablation loss delta in nats per head) and
+  ``chain_sums.parquet`` (per (component, chain): ``count``, ``sum_g``, ``diverged``, and the lists
+  ``sum_ga``, ``sum_a`` over tokens in the token table's order).
 - ``manifest.json``: the resolved config under ``config`` (``config.perturbation.delta_h``),
   timings, hashes.
 """
@@ -33,8 +35,9 @@ FILES = {
     "diagnostics": "diagnostics.parquet",
     "head_roles": "head_roles.parquet",
     "ablation": "ablation.parquet",
+    "chain_sums": "chain_sums.parquet",
 }
-OPTIONAL = ("head_roles", "ablation")
+OPTIONAL = ("head_roles", "ablation", "chain_sums")
 MANIFEST = "manifest.json"
 REQUIRED_COLUMNS = {
     "tokens": (*TOKEN_KEYS, "token_id", "token_text"),
@@ -43,6 +46,7 @@ REQUIRED_COLUMNS = {
                     "mean_g"),
     "head_roles": ("component", "layer", "head", "induction", "previous_token", "current_token"),
     "ablation": TOKEN_KEYS,
+    "chain_sums": ("component", "chain", "count", "sum_g", "diverged", "sum_ga", "sum_a"),
 }
 
 
@@ -56,6 +60,7 @@ class RunResults:
     diagnostics: pa.Table
     head_roles: pa.Table | None
     ablation: pa.Table | None
+    chain_sums: pa.Table | None  # per (component, chain) sums for resampling chains (studies write it)
     manifest: dict
     components: tuple[str, ...]  # component columns of ``tokens``, in order
     layers: dict[str, int]  # component -> layer index
@@ -113,4 +118,5 @@ def load_run(run_dir: str | Path) -> RunResults:
     manifest_path = run_dir / MANIFEST
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     return RunResults(run_dir, tables["tokens"], tables["response"], tables["diagnostics"],
-                      tables["head_roles"], tables["ablation"], manifest, components, layers)
+                      tables["head_roles"], tables["ablation"], tables["chain_sums"], manifest, components,
+                      layers)

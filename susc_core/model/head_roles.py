@@ -6,6 +6,8 @@ Scores are mean attention weights in [0, 1]; loss deltas are in nats.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import torch
 
@@ -126,23 +128,34 @@ def ablation_effects(params: Params, cfg: ModelConfig, natural_tokens: torch.Ten
             "repeat": ablation_loss_deltas(params, cfg, repeated_tokens)[:, :, half:].mean(dim=(1, 2)).numpy()}
 
 
-def head_census(scores: dict[str, np.ndarray], effects: dict[str, np.ndarray], role_threshold: float,
-                multigram_max_induction: float, multigram_min_natural: float) -> list[str]:
+@dataclass
+class CensusRules:
+    """The rules of :func:`head_census` (a structured config: ``head_roles.census`` in the study,
+    ``head_scores.census`` in training)."""
+
+    role_threshold: float = 0.4  # an induction / previous-token score at or above this gives the role
+    # natural text for the multigram measure: held-out contexts of these corpus domains
+    natural_domains: list[str] = field(default_factory=lambda: ["shakespeare", "bible", "legal", "code", "docs"])
+    multigram_max_induction: float = 0.15  # a multigram head's induction score is below this
+    multigram_min_natural: float = 0.01  # and ablating it raises the natural-text loss by at least this (nats)
+
+
+def head_census(scores: dict[str, np.ndarray], effects: dict[str, np.ndarray], rules: CensusRules) -> list[str]:
     """One measured role per head (arrays [n_heads_total] in :func:`head_labels` order):
 
-    - ``induction`` / ``previous_token``: that attention score ≥ ``role_threshold`` (induction first);
-    - ``multigram``: induction score < ``multigram_max_induction``, ablation raises the natural-text
-      loss by ≥ ``multigram_min_natural`` nats and by more than it raises the repeat loss;
+    - ``induction`` / ``previous_token``: that attention score ≥ ``rules.role_threshold`` (induction first);
+    - ``multigram``: induction score < ``rules.multigram_max_induction``, ablation raises the natural-text
+      loss by ≥ ``rules.multigram_min_natural`` nats and by more than it raises the repeat loss;
     - ``other``: none of these (a head with little measured effect).
     """
     roles = []
     for i in range(len(scores["induction"])):
-        if scores["induction"][i] >= role_threshold:
+        if scores["induction"][i] >= rules.role_threshold:
             roles.append("induction")
-        elif scores["previous_token"][i] >= role_threshold:
+        elif scores["previous_token"][i] >= rules.role_threshold:
             roles.append("previous_token")
-        elif (scores["induction"][i] < multigram_max_induction and effects["natural"][i] >= multigram_min_natural
-              and effects["natural"][i] > effects["repeat"][i]):
+        elif (scores["induction"][i] < rules.multigram_max_induction
+              and effects["natural"][i] >= rules.multigram_min_natural and effects["natural"][i] > effects["repeat"][i]):
             roles.append("multigram")
         else:
             roles.append("other")

@@ -50,12 +50,19 @@ def per_token_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats]) -> Est
     the restricted covariance -Cov_C[g, a_t])."""
     comp, full = _kept(comp), _kept(full)
     f = pool(full)
-    mean_full_a = f.sum_a / f.count
 
     def chi(s) -> np.ndarray:
-        return -(s.sum_ga / s.count - (s.sum_g / s.count) * mean_full_a)
+        return chi_from_sums(s.sum_ga, s.sum_g, s.count, f.sum_a, f.count)
 
     return Estimate(chi(pool(comp)), _se([chi(c) for c in comp]))
+
+
+def chi_from_sums(sum_ga: np.ndarray, sum_g: float, count: int, full_sum_a: np.ndarray,
+                  full_count: int) -> np.ndarray:
+    """χ̂_t = -( mean_C[g a_t] - mean_C[g] · mean_full[a_t] ) from sums over some draws of the component
+    (sum_ga [T], sum_g, count) and of the centring run (full_sum_a [T], full_count): the formula of
+    SCIENCE.md §2 on any set of chains, e.g. a bootstrap resample of them (sums of the resampled chains)."""
+    return -(sum_ga / count - (sum_g / count) * (full_sum_a / full_count))
 
 
 def probe_means(values: np.ndarray, token_probe: np.ndarray, n_probes: int) -> np.ndarray:
