@@ -39,6 +39,9 @@ def test_config_mismatch_lists_fields(tmp_path):
 def test_missing_and_nonfinite_checkpoints(tmp_path):
     with pytest.raises(CheckpointError, match="does not exist"):
         load_model(tmp_path / "nope.safetensors")
+    save_model(tmp_path / "inside.safetensors", CFG, init_params(CFG, torch.Generator().manual_seed(0)))
+    with pytest.raises(CheckpointError, match=r"is a directory; .*inside\.safetensors"):
+        load_model(tmp_path)
     params = init_params(CFG, torch.Generator().manual_seed(0))
     params["unembed.b_U"][3] = float("nan")
     save_model(tmp_path / "nan.safetensors", CFG, params)

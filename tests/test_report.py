@@ -15,7 +15,7 @@ import pytest
 from susc_core.analysis import AnalysisConfig, analyze
 from susc_core.analysis.analyze import class_score_means
 from susc_core.analysis.results import FILES, load_run
-from workflows.report import main, to_analysis_config, write_report
+from workflows.report import embedded_json, main, to_analysis_config, write_report
 
 VOCAB = [" the", " cat", "s", "at", " (", ")", "\n", " ", "42", " on", "ly", ",", " sat", "\"", "##"]
 HEADS = [f"L{layer}H{head}" for layer in range(2) for head in range(4)]
@@ -193,3 +193,19 @@ def test_single_component_run_still_reports(tmp_path):
     summary = json.loads((run_dir / "analysis.json").read_text())
     assert list(summary["pcas"]) == ["all"] and summary["pcas"]["all"]["variance_explained"] == [1.0]
     assert {c["name"]: c["status"] for c in summary["checks"]}["PC2 separates induction heads"] == "skipped"
+
+
+def test_viewer_json_is_embedded_safely_for_any_token_text(tmp_path):
+    """Token texts that would end or re-open a <script> element ("</script>", "<!--<script>") reach the
+    viewer's JSON intact, and the embedded text holds no "<" at all."""
+    hostile = ["</script>", "<!--<script>", "a<b", "\u2028"]
+    assert json.loads(embedded_json({"t": hostile})) == {"t": hostile} and "<" not in embedded_json(hostile)
+    run_dir = write_planted_run(tmp_path / "r")
+    table = pq.read_table(run_dir / FILES["tokens"])
+    texts = [hostile[i % len(hostile)] for i in range(table.num_rows)]
+    table = table.set_column(table.column_names.index("token_text"), "token_text", pa.array(texts))
+    pq.write_table(table, run_dir / FILES["tokens"])
+    page = write_report(run_dir).read_text()
+    start = page.index('<script type="application/json" id="viewer-data">')
+    payload = page[start:page.index("</script>", start)].split(">", 1)[1]
+    assert "<" not in payload and "<!--<script>" in json.dumps(json.loads(payload))

@@ -123,6 +123,19 @@ def test_config_errors_name_the_key(override, message):
             compose("study", overrides=[override])
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.seq_len=-5", "data.seq_len must be 0"),
+    ("units.chains_per_unit=-1", "units.components_per_unit and units.chains_per_unit must be >= 0"),
+    ("units.probe_shards=0", "units.probe_shards >= 1"),
+])
+def test_out_of_range_sizes_fail_naming_the_key(override, message):
+    """Values of the right type but out of range fail when the config becomes the study's dataclasses."""
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose("study", overrides=[override, "run_dir=unused"])
+    with pytest.raises(Exception, match=message):
+        OmegaConf.to_object(cfg)
+
+
 def test_unknown_component_lists_valid_names(tmp_path, tiny_checkpoint, corpus_dir):
     cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", "components.names=[L7H0]")
     with pytest.raises(ValueError, match="L1H1"):

@@ -160,8 +160,14 @@ def render(run: RunResults, analysis: Analysis, cfg: AnalysisConfig) -> str:
     viewer = figs.viewer_payload(run.tokens, analysis, standardized_all(run, analysis), opts)
     values = {"title": html.escape(f"Susceptibility report: {run.run_dir.name}"),
               "plotlyjs": get_plotlyjs(), "content": content,
-              "viewer_data": json.dumps(viewer).replace("</", "<\\/")}
+              "viewer_data": embedded_json(viewer)}
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], TEMPLATE.read_text())
+
+
+def embedded_json(data) -> str:
+    """JSON for a <script> element whatever the strings hold: every "<" escaped as \\u003c, so no token text
+    (``</script>``, ``<!--<script>``) can end or re-open the element."""
+    return json.dumps(data).replace("<", "\\u003c")
 
 
 def summary(analysis: Analysis, cfg: AnalysisConfig) -> dict:
@@ -199,7 +205,8 @@ def markdown(analysis: Analysis, n_pcs: int) -> str:
     if analysis.replication:
         lines += ["", "Replication (the paper's figures beside ours):", "",
                   "| figure | PCA | ours | interval | paper | status |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['figure']} | {r['pca']} | {r['ours']} | {r['interval']} | {r['paper']} | {r['status']} |"
+        lines += ["| " + " | ".join(str(r[k]).replace("|", "\\|") for k in ("figure", "pca", "ours", "interval", "paper",
+                                                                          "status")) + " |"
                   for r in analysis.replication]
     return "\n".join(lines) + "\n"
 

@@ -48,6 +48,13 @@ class DataSection:
     observable_contexts: int = 32  # fixed baseline contexts for L_n(draw) and g = L_n(draw) - L_n(w*)
     seq_len: int = 0  # tokens per context fed to the model (contexts are truncated); 0: the model's n_ctx
 
+    def __post_init__(self):
+        for name in ("sgld_contexts", "observable_contexts"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if self.seq_len < 0 or self.seq_len == 1:
+            raise ValueError(f"data.seq_len must be 0 (the model's n_ctx) or >= 2 tokens, got {self.seq_len}")
+
 
 @dataclass
 class ProbeSpec:
@@ -90,6 +97,12 @@ class UnitsSection:
     components_per_unit: int = 0  # 0: every component in one unit (best batching on one machine)
     chains_per_unit: int = 1
     probe_shards: int = 1  # the probe tokens split into this many shards (each re-runs the chains)
+
+    def __post_init__(self):
+        if self.components_per_unit < 0 or self.chains_per_unit < 0 or self.probe_shards < 1:
+            raise ValueError(f"units.components_per_unit and units.chains_per_unit must be >= 0 (0: all in one unit) "
+                             f"and units.probe_shards >= 1; got {self.components_per_unit}, {self.chains_per_unit}, "
+                             f"{self.probe_shards}")
 
 
 @dataclass

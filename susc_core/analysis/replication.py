@@ -106,7 +106,9 @@ def replication_rows(z: np.ndarray, pcas: Mapping, rows: np.ndarray, classes, ru
     prev = dict(zip(run.head_roles.column("component").to_pylist(),
                     run.head_roles.column("previous_token").to_pylist()))
     induction = {h for h, s in roles.items() if s >= rules.induction_head_threshold}
-    circuit = induction | {h for h, s in prev.items() if s >= rules.induction_head_threshold}
+    previous = {h for h, s in prev.items() if s >= rules.induction_head_threshold} - induction
+    sets = (("induction heads", induction), ("previous-token heads", previous),
+            ("induction circuit (induction + previous-token heads)", induction | previous))
     sums = chain_sums_by_component(run.chain_sums)
     generator = np.random.default_rng(cfg.seed)
     lo_q, hi_q = (1 - rep.interval) / 2, 1 - (1 - rep.interval) / 2
@@ -123,10 +125,12 @@ def replication_rows(z: np.ndarray, pcas: Mapping, rows: np.ndarray, classes, ru
         comps = list(res.components)
         if len(comps) < 3 or not heads:
             continue
-        for label, positive in (("induction heads", induction), ("induction circuit (induction + previous-token)", circuit)):
+        done: list[set] = []
+        for label, positive in sets:
             pos = {c for c in comps if c in positive}
-            if not pos or len(pos) == len(comps) or (label.startswith("induction circuit") and key != "all"):
+            if not pos or len(pos) == len(comps) or pos in done:
                 continue
+            done.append(pos)
             zk = z[:, [names.index(c) for c in comps]]
             loadings, scores, auc = oriented_pc2(zk, comps, pos)
             boot = bootstrap_auc(sums, rows, comps, pos, loadings, cfg.standardize, rep.n_bootstrap, generator)

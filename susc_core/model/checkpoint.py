@@ -50,6 +50,9 @@ def load_model(path: str | Path, expected: ModelConfig | None = None) -> tuple[M
     a config mismatch is an error listing the differing fields.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {path} is a directory; point model.checkpoint at the .safetensors file "
+                              f"inside it ({', '.join(p.name for p in sorted(path.glob('*.safetensors'))) or 'none there'})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; train one with `python -m workflows.train_model` "
                               f"or point model.checkpoint at an existing .safetensors file")

@@ -1,6 +1,6 @@
 """Training pieces: the curriculum's batch sampler, the learning-rate schedule and one AdamW step.
 
-The curriculum (see shared/TRAINING.md) mixes natural-text contexts with repeated random segments,
+The curriculum (see docs/TRAINING.md) mixes natural-text contexts with repeated random segments,
 which make induction heads pay early; each phase sets the sequence length and the share of synthetic
 sequences.
 """
@@ -33,7 +33,7 @@ class PhaseConfig:
 
 @dataclass
 class RepeatsConfig:
-    """The induction-forming synthetic family: random segments repeated (shared/TRAINING.md)."""
+    """The induction-forming synthetic family: random segments repeated (docs/TRAINING.md)."""
 
     family: str = "tiled"  # tiled: back-to-back copies; gapped: segment, random gap, segment
     seg_min: int = 4

@@ -43,7 +43,7 @@ class ModelConfig:
     ln_eps: float = 1e-5
     init_std: float = 0.02  # std of the normal init of every weight matrix except the token embedding
     embed_init_std: float = 1.0  # std of W_E's init (torch's nn.Embedding default); with 0.02 no induction
-    # head formed in the curriculum of shared/TRAINING.md (measured: README, "The bundled model and data")
+    # head formed in the curriculum of docs/TRAINING.md (measured: README, "The bundled model and data")
     loss_chunk_tokens: int = 2048  # tokens per chunk of the vocab log-softmax (bounds its memory)
 
     def to_dict(self) -> dict:
