@@ -149,18 +149,45 @@ def test_unknown_probe_domain_lists_available(tmp_path, tiny_checkpoint, corpus_
         study.run(cfg)
 
 
-def test_two_job_multirun_writes_a_sweep_summary(tmp_path, tiny_checkpoint, corpus_dir):
+def _multirun(tmp_path, tiny_checkpoint, corpus_dir, *sweep_args):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "workflows.study", "-m", "sampler.nbeta=10,30", "cluster=inprocess",
+    cmd = [sys.executable, "-m", "workflows.study", "-m", *sweep_args, "cluster=inprocess",
            f"model.checkpoint={tiny_checkpoint}", f"data.corpus_dir={corpus_dir}", f"cache_dir={tmp_path / 'cache'}",
            f"hydra.sweep.dir={sweep}", *SMALL]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    return sweep, subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+def test_two_job_multirun_writes_a_sweep_summary(tmp_path, tiny_checkpoint, corpus_dir):
+    long_label = "x" * 300  # a long override value: job folders are named by job number, never by overrides
+    sweep, done = _multirun(tmp_path, tiny_checkpoint, corpus_dir, "sampler.nbeta=10,30", f"+note={long_label}")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = pq.read_table(sweep / "sweep_summary.parquet").to_pandas().sort_values("job")
-    assert list(summary.job) == [0, 1]
+    assert list(summary.job) == [0, 1] and list(summary.status) == ["ok", "ok"]
     first, second = summary.overrides
     assert "sampler.nbeta=10" in first.split() and "sampler.nbeta=30" in second.split()
+    assert list(summary["override:sampler.nbeta"]) == ["10", "30"] and summary["override:+note"].iloc[0] == long_label
+    assert sorted(p.name for p in sweep.iterdir() if p.is_dir()) == ["0", "1"]
     for run_dir in summary.run_dir:
         assert (Path(run_dir) / "response_matrix.parquet").exists()
     # nβ scales the LLC: different sweeps give different estimates
     assert summary.llc_full.iloc[0] != summary.llc_full.iloc[1]
+
+
+def test_a_failed_sweep_job_has_its_row_and_its_log(tmp_path, tiny_checkpoint, corpus_dir):
+    sweep, done = _multirun(tmp_path, tiny_checkpoint, corpus_dir, "components.names=[L0H0],[L9H9]")
+    assert done.returncode != 0
+    summary = pq.read_table(sweep / "sweep_summary.parquet").to_pandas().sort_values("job")
+    assert list(summary.status) == ["ok", "failed"]
+    assert "unknown component 'L9H9'" in summary.error.iloc[1] and summary.error.iloc[0] == ""
+    assert "unknown component 'L9H9'" in (sweep / "1" / "study.log").read_text()
+
+
+def test_single_context_probes_leave_the_dataset_level_check_skipped(tmp_path, tiny_checkpoint, corpus_dir):
+    """With one context per probe there is no held-out half b: chi_mixture is NaN and the slope check says
+    "skipped" instead of comparing the estimate with itself."""
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", "perturbation.contexts_per_probe=1",
+                        "report=true")
+    study.run(cfg)
+    assert np.isnan(pq.read_table(tmp_path / "run" / "response_matrix.parquet").column("chi_mixture").to_numpy()).all()
+    checks = {c["name"]: c for c in json.loads((tmp_path / "run" / "analysis.json").read_text())["checks"]}
+    assert checks["aggregated per-token vs dataset-level χ"]["status"] == "skipped"

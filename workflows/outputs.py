@@ -107,7 +107,8 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
     token_probe: [T] index into probe_names of each probe token; half: [T] "a"/"b" (see token_keys).
     ``chi`` is the mean χ̂_xy over all the probe's tokens; ``chi_mixture`` the δh-mixture estimate
     -Cov[g, ΔL_h] (an estimate of δh·χ) on the probe's half-b contexts: from the independent run
-    ``dataset`` when given, else from the per-token run's own chains.
+    ``dataset`` when given, else from the per-token run's own chains (NaN for a probe with a single
+    context, which leaves no half b).
     """
     n_probes = len(probe_names)
     counts = np.bincount(token_probe, minlength=n_probes)
@@ -121,10 +122,10 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
             ref = reference(stats, comp)
             per_chain = [mixture_chi([c], ref, weights, 1.0).value for c in stats[comp] if not c.diverged]
             se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
-            if dataset is None:
+            if dataset is None:  # NaN for a probe with no half-b context: nothing held out to compare with
                 mix_tokens = (token_probe == i) & held_out
-                mix_weights = mix_tokens / mix_tokens.sum() if mix_tokens.any() else weights
-                mixture = mixture_chi(stats[comp], ref, mix_weights, delta_h).value
+                mixture = (mixture_chi(stats[comp], ref, mix_tokens / mix_tokens.sum(), delta_h).value
+                           if mix_tokens.any() else float("nan"))
             else:
                 mix_tokens = dataset.token_probe == i
                 mixture = mixture_chi(dataset.stats[comp], reference(dataset.stats, comp),

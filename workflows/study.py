@@ -260,22 +260,38 @@ def _cluster_resources(cfg: StudyConfig) -> dict:
 
 
 def append_sweep_row(sweep_dir: Path, row: dict) -> None:
-    """Add one job's summary to ``sweep_dir/sweep_summary.parquet`` (rewritten whole: it is small)."""
+    """Add one job's row to ``sweep_dir/sweep_summary.parquet`` (rewritten whole: it is small); rows may
+    differ in columns (a failed job has no timings), missing values are nulls."""
     path = sweep_dir / "sweep_summary.parquet"
     rows = pq.read_table(path).to_pylist() if path.exists() else []
     rows = [r for r in rows if r["job"] != row["job"]] + [row]
-    pq.write_table(pa.Table.from_pylist(rows), path)
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    pq.write_table(pa.Table.from_pylist([{k: r.get(k) for k in columns} for r in rows]), path)
+
+
+def sweep_row(job: int, overrides: list[str]) -> dict:
+    """The identifying part of a sweep-summary row: the job number, its overrides as one string and one
+    ``override:<key>`` column per overridden key (its value as given)."""
+    pairs = [o.split("=", 1) if "=" in o else (o, "") for o in overrides]
+    return {"job": job, "overrides": " ".join(overrides)} | {f"override:{k}": v for k, v in pairs}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="study")
 def main(cfg: DictConfig) -> dict:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    study_cfg: StudyConfig = OmegaConf.to_object(cfg)
-    summary = run(study_cfg, resolved)
     hc = HydraConfig.get()
-    if hc.mode.name == "MULTIRUN":
-        row = {"job": hc.job.num, "overrides": " ".join(hc.overrides.task)} | summary
-        append_sweep_row(Path(hc.sweep.dir), row)
+    multirun = hc.mode.name == "MULTIRUN"
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        summary = run(OmegaConf.to_object(cfg), resolved)
+    except (Exception, KeyboardInterrupt) as error:  # the error reaches study.log and the sweep summary
+        log.exception("study failed: %s: %s", type(error).__name__, error)
+        if multirun:
+            append_sweep_row(Path(hc.sweep.dir), sweep_row(hc.job.num, list(hc.overrides.task))
+                             | {"status": "failed", "error": f"{type(error).__name__}: {error}"})
+        raise
+    if multirun:
+        append_sweep_row(Path(hc.sweep.dir), sweep_row(hc.job.num, list(hc.overrides.task))
+                         | {"status": "ok", "error": ""} | summary)
     return summary
 
 
