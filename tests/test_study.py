@@ -4,6 +4,7 @@ resume after interruption, config errors, multirun."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -191,3 +192,20 @@ def test_single_context_probes_leave_the_dataset_level_check_skipped(tmp_path, t
     assert np.isnan(pq.read_table(tmp_path / "run" / "response_matrix.parquet").column("chi_mixture").to_numpy()).all()
     checks = {c["name"]: c for c in json.loads((tmp_path / "run" / "analysis.json").read_text())["checks"]}
     assert checks["aggregated per-token vs dataset-level χ"]["status"] == "skipped"
+
+
+def test_studies_started_together_get_their_own_run_folders(tmp_path, tiny_checkpoint, corpus_dir):
+    """Two studies started in the same second write two run folders (the folder name carries the process id),
+    each with its own config and manifest."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    cmd = [sys.executable, "-m", "workflows.study", "cluster=inprocess", f"model.checkpoint={tiny_checkpoint}",
+           f"data.corpus_dir={corpus_dir}", f"cache_dir={tmp_path / 'cache'}", *SMALL]
+    jobs = [subprocess.Popen([*cmd, f"sampler.nbeta={nbeta}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True) for nbeta in (10, 30)]
+    for job in jobs:
+        assert job.wait(timeout=600) == 0, job.stderr.read()[-3000:]
+    runs = sorted((tmp_path / "outputs" / "study").iterdir())
+    assert len(runs) == 2
+    nbetas = sorted(json.loads((r / "manifest.json").read_text())["config"]["sampler"]["nbeta"] for r in runs)
+    assert nbetas == [10.0, 30.0]

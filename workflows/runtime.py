@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -17,9 +18,12 @@ def asset_path(name: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${asset:NAME}`` in configs points at a bundled asset. Idempotent."""
+    """``${asset:NAME}`` in configs points at a bundled asset; ``${pid:}`` is this process's id (run folders
+    carry it, so that two studies started in the same second never share one). Idempotent."""
     if not OmegaConf.has_resolver("asset"):
         OmegaConf.register_new_resolver("asset", asset_path)
+    if not OmegaConf.has_resolver("pid"):
+        OmegaConf.register_new_resolver("pid", lambda: str(os.getpid()), use_cache=True)
 
 
 def resolve_device(name: str) -> torch.device:
