@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from susc_core.data.corpus import load_contexts
@@ -61,11 +62,13 @@ def test_ablation_deltas_zero_for_a_head_with_no_output():
     torch.testing.assert_close(deltas[0], expected)
 
 
-def test_bundled_checkpoint_has_the_census_of_issue_15(corpus_dir):
-    """The shipped default model, on fresh repeated random sequences and held-out natural text: layer 1 has
-    1-3 induction heads (>= 0.4) and at least 4 heads below 0.15 that do multigram work (ablating them raises
-    the natural-text loss by >= 0.01 nats, more than the repeat loss); layer 0 has a previous-token head."""
-    cfg, params = load_model(Path(__file__).parents[1] / "susc_core" / "assets" / "default_model.safetensors")
+@pytest.mark.parametrize("checkpoint", ["default_model.safetensors", "default_model_seed1.safetensors"])
+def test_bundled_checkpoint_has_the_census_of_issue_15(corpus_dir, checkpoint):
+    """The shipped default model (both seeds), on fresh repeated random sequences and held-out natural text:
+    layer 1 has 1-3 induction heads (>= 0.4) and at least 4 heads below 0.15 that do multigram work (ablating
+    them raises the natural-text loss by >= 0.01 nats, more than the repeat loss); layer 0 has a
+    previous-token head (>= 0.4)."""
+    cfg, params = load_model(Path(__file__).parents[1] / "susc_core" / "assets" / checkpoint)
     scores = repeat_test_scores(params, cfg, np.random.default_rng(123), n_seqs=16, half_len=50)
     natural = torch.cat([load_contexts(corpus_dir / "probes" / f"{d}.parquet")[:8, : cfg.n_ctx + 1]
                          for d in ("shakespeare", "bible", "legal", "code", "docs")])
