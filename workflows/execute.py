@@ -171,8 +171,10 @@ def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: Cluster
                 pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir)] = unit
             done, _ = ray.wait(list(pending), num_returns=1, timeout=cluster.wait_timeout_s)
             if not done:
-                raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s; the cluster may lack the "
-                                   f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus})")
+                raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s: either the cluster lacks the "
+                                   f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus}) "
+                                   f"or a unit takes longer than that (raise cluster.wait_timeout_s, or split units "
+                                   f"with units.components_per_unit / units.probe_shards); finished units are cached")
             for ref in done:
                 unit = pending.pop(ref)
                 finish(unit, *ray.get(ref))
