@@ -26,9 +26,7 @@ from susc_core.adapters.engine import run_adapter_unit
 from susc_core.adapters.load import load_adapter
 from susc_core.model.components import expand_names
 from susc_core.engine.unit import NUMERICS_VERSION, run_unit
-from susc_core.data.synthetic import repeated_random
-from susc_core.model.head_roles import (ablation_effects, ablation_loss_deltas, head_census, head_labels,
-                                        repeat_test_scores)
+from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measured_roles
 from susc_core.engine.memory import peak_memory_mib
 from workflows import outputs
 from workflows.execute import RunReport, run_units
@@ -76,15 +74,12 @@ def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.nda
     [heads, T] on the probe tokens (bundled model only). The multigram measure's natural text is the probe
     contexts of ``head_roles.census.natural_domains`` in this study (roles from the scores alone when it has none)."""
     mc, hr = inputs.model_cfg, cfg.head_roles
-    scores = repeat_test_scores(inputs.w_star, mc, np.random.default_rng([cfg.seed, 2]), hr.n_seqs, hr.half_len)
     labels = head_labels(mc)
     natural = np.isin(np.asarray(inputs.probe_rows.column("domain").to_pylist(), dtype=object),
                       hr.census.natural_domains)
-    half = min(hr.half_len, mc.n_ctx // 2)
-    repeated = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 4]), hr.n_seqs, half, 1, mc.d_vocab))
-    effects = (ablation_effects(inputs.w_star, mc, inputs.probe[torch.from_numpy(natural)], repeated) if natural.any()
-               else {"natural": np.full(len(labels), np.nan), "repeat": np.full(len(labels), np.nan)})
-    roles = head_census(scores, effects, hr.census)
+    scores, effects, roles = measured_roles(inputs.w_star, mc, inputs.probe[torch.from_numpy(natural)], hr.census,
+                                            hr.n_seqs, hr.half_len, np.random.default_rng([cfg.seed, 2]),
+                                            np.random.default_rng([cfg.seed, 4]))
     table = pa.table({"component": labels, "layer": [i // mc.n_heads for i in range(len(labels))],
                       "head": [i % mc.n_heads for i in range(len(labels))], **scores,
                       "ablation_natural": effects["natural"], "ablation_repeat": effects["repeat"], "role": roles})

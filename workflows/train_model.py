@@ -24,8 +24,7 @@ from tqdm import tqdm
 from susc_core.model.checkpoint import (file_sha256, load_model, load_training_state, save_model,
                                         save_training_state)
 from susc_core.data.corpus import load_contexts
-from susc_core.model.head_roles import CensusRules, ablation_effects, head_census, head_labels, repeat_test_scores
-from susc_core.data.synthetic import repeated_random
+from susc_core.model.head_roles import CensusRules, head_labels, measured_roles, repeat_test_scores
 from susc_core.model.transformer import ModelConfig, Transformer, init_params, n_params
 from susc_core.model.training import (CurriculumConfig, OptimConfig, domain_losses, head_gate_hooks, make_optimizer,
                                       phase_at, sample_batch, total_steps, train_step)
@@ -125,15 +124,10 @@ def head_roles_of(params: dict, cfg: TrainAppConfig, corpus: Path) -> tuple[dict
     """Attention scores, ablation effects (the multigram measure) and the role census of every head,
     on fresh repeated random sequences and held-out natural-text probe contexts."""
     hs = cfg.head_scores
-    scores = repeat_test_scores(params, cfg.arch, np.random.default_rng([cfg.seed, 1]), hs.n_seqs, hs.half_len)
     natural = torch.cat([load_contexts(corpus / "probes" / f"{d}.parquet")[:hs.natural_contexts, : cfg.arch.n_ctx + 1]
                          for d in hs.census.natural_domains])
-    half = min(hs.half_len, cfg.arch.n_ctx // 2)
-    repeated = torch.from_numpy(repeated_random(np.random.default_rng([cfg.seed, 2]), hs.n_seqs, half, 1,
-                                                cfg.arch.d_vocab))
-    effects = ablation_effects(params, cfg.arch, natural, repeated)
-    roles = head_census(scores, effects, hs.census)
-    return scores, effects, roles
+    return measured_roles(params, cfg.arch, natural, hs.census, hs.n_seqs, hs.half_len,
+                          np.random.default_rng([cfg.seed, 1]), np.random.default_rng([cfg.seed, 2]))
 
 
 def train(cfg: TrainAppConfig) -> dict:

@@ -160,3 +160,18 @@ def head_census(scores: dict[str, np.ndarray], effects: dict[str, np.ndarray], r
         else:
             roles.append("other")
     return roles
+
+
+def measured_roles(params: Params, cfg: ModelConfig, natural_tokens: torch.Tensor, rules: CensusRules, n_seqs: int,
+                   half_len: int, score_generator: np.random.Generator, repeat_generator: np.random.Generator
+                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+    """Every head's attention scores (:func:`repeat_test_scores`), ablation effects (the multigram measure,
+    :func:`ablation_effects`, on ``natural_tokens`` [batch, seq] and on fresh repeated random sequences) and
+    role (:func:`head_census`). With no natural contexts the effects are NaN and roles come from the scores."""
+    scores = repeat_test_scores(params, cfg, score_generator, n_seqs, half_len)
+    half = min(half_len, cfg.n_ctx // 2)
+    repeated = torch.from_numpy(repeated_random(repeat_generator, n_seqs, half, 1, cfg.d_vocab))
+    n_heads = cfg.n_layers * cfg.n_heads
+    effects = (ablation_effects(params, cfg, natural_tokens, repeated) if len(natural_tokens)
+               else {"natural": np.full(n_heads, np.nan), "repeat": np.full(n_heads, np.nan)})
+    return scores, effects, head_census(scores, effects, rules)
