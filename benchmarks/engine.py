@@ -3,7 +3,8 @@
     python benchmarks/engine.py [--device cpu|cuda] [--draws 2] [--obs 8] [--probe 8] [--threads N] [--chunk-tokens 256]
                                 [--cpu-sequential-threads N]
 
-Measures component·chain·draws per second of the batched engine (every head + full, 4 chains) and of
+Measures component·chain·draws per second of the batched engine (every head + full, 4 chains in one unit;
+with independent minibatch streams, the default, and with ``share_minibatches``) and of
 the sequential reference plan (all chains and draws of one head per layer and of the full run, each
 head standing for its layer's heads), FLOPs of one unit counted from the model's shapes, both those the
 sequential reference executes (full forward per chain) and those the batched engine executes (their ratio
@@ -89,8 +90,8 @@ class TokenFlops(NamedTuple):
     obs: float
 
 
-def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared_by: int = 1, pass_rows: int = 1,
-                call_tokens: tuple[int, int] = (1, 1)) -> TokenFlops:
+def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared_by: int = 1,
+                pass_rows: tuple[int, int] = (1, 1), call_tokens: tuple[int, int] = (1, 1)) -> TokenFlops:
     """FLOPs per token and chain of one component in ``plan`` ("reference" or "batched"), counted from the
     shapes as the code runs them: a head of ``layer`` (``HeadGroup``; the reference rebuilds its cache at every
     call, ``HonestHeadGroup``) or, with ``layer=None``, the full run (both plans do the same work). Attention
@@ -99,7 +100,7 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
     blocks above a component need input gradients only; the unembedding's gradients are formed in its forward
     (``fused_nll``). Batched heads share the layer at w* among ``shared_by`` chains (the heads of the layer x
     chains) and, in the low-rank path of a last attention-only block, the d_model-wide logit product among
-    ``pass_rows`` chains of a pass; the low-rank basis is formed once per chain and call of ``call_tokens``
+    ``pass_rows`` (step, observable) chains of a pass that read the same tokens; the low-rank basis is formed once per chain and call of ``call_tokens``
     (step, observable) tokens."""
     h, d, e, v, n = cfg.n_heads, cfg.d_model, cfg.d_head, cfg.d_vocab, cfg.n_layers
     proj, attn, mlp = 2 * 4 * d * h * e, 2 * 2 * seq * h * e, 4 * d * cfg.d_mlp
@@ -118,9 +119,9 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
         return TokenFlops(step, after + (cached if reference else 0))  # the batched plan caches fixed contexts
     rank = 2 * e  # the low-rank logits (``lowrank``): forward, input and basis gradients of [2e, V] products
     basis = 2 * e * d * v  # W_O Wc, formed per chain and call; its gradient costs as much
-    step = (cached + unembed / pass_rows + head_fwd + 3 * 2 * rank * v + 2 * v + 2 * rank + head_bwd
+    step = (cached + unembed / pass_rows[0] + head_fwd + 3 * 2 * rank * v + 2 * v + 2 * rank + head_bwd
             + 2 * basis / call_tokens[0])
-    return TokenFlops(step, head_fwd + 2 * rank * v + unembed / pass_rows + basis / call_tokens[1])
+    return TokenFlops(step, head_fwd + 2 * rank * v + unembed / pass_rows[1] + basis / call_tokens[1])
 
 
 def unit_flops(cfg: ModelConfig, sampler: SamplerConfig, seq: int, n_obs_tokens: int, head_layers: list[int],
@@ -128,13 +129,20 @@ def unit_flops(cfg: ModelConfig, sampler: SamplerConfig, seq: int, n_obs_tokens:
     """Matmul FLOPs of one (component, chain, draw) in ``plan``, averaged over the components: one head per
     entry of ``head_layers`` (its layer) and the full run; ``group_flops`` per token. A layer's heads share one
     ``HeadGroup`` per ``chains_per_group`` chains (a study's ``units.chains_per_unit``; default all
-    ``n_chains``), and share its cache only when the chains share minibatches."""
+    ``n_chains``): with independent minibatch streams (chain k of every head reads stream k) the layer's cache
+    is shared by its heads of one chain index, by all chains of the group when they share one stream."""
     step_tokens = sampler.batch_size * seq
     call_tokens = (step_tokens, max(1, cfg.loss_chunk_tokens // seq) * seq)
     units = [group_flops(cfg, seq, None, plan)]
+    chains = chains_per_group or sampler.n_chains
     for l in head_layers:
-        group = head_layers.count(l) * (chains_per_group or sampler.n_chains) if sampler.share_minibatches else 1
-        units.append(group_flops(cfg, seq, l, plan, group, min(group, sampler.chains_per_pass), call_tokens))
+        members = head_layers.count(l) * chains
+        pass_size = min(members, sampler.chains_per_pass)
+        if sampler.share_minibatches or chains == 1:  # one minibatch stream in the group: every chain shares
+            group, pass_rows = members, (pass_size, pass_size)
+        else:  # one stream per chain index: the layer's heads share its cache; each chain has its own base logits
+            group, pass_rows = head_layers.count(l), (1, pass_size)
+        units.append(group_flops(cfg, seq, l, plan, group, pass_rows, call_tokens))
     per_unit = [f.step * step_tokens * sampler.steps_between_draws + f.obs * n_obs_tokens for f in units]
     return sum(per_unit) / len(per_unit)
 
@@ -211,6 +219,8 @@ def main():
         run_unit(cfg, params, ["L0H*", f"L{cfg.n_layers - 1}H*", "full"], [0],
                  SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device)
     t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device)
+    shared = SamplerConfig(**{**sampler.__dict__, "share_minibatches": True})
+    t_shared, _ = timed_unit(cfg, params, heads + ["full"], chains, shared, train, obs, probe, seed=0, device=args.device)
     t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device)
     cpu_reference = {}
     if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
@@ -244,6 +254,8 @@ def main():
                  "obs_contexts": args.obs, "probe_contexts": args.probe, "seq": seq},
         "batched_units_per_s": units / t_batched,
         "batched_bf16_units_per_s": units / t_bf16,
+        "batched_shared_minibatches_units_per_s": units / t_shared,
+        "independent_minibatches_cost_ratio": t_batched / t_shared,
         "sequential_units_per_s": units / t_seq,
         "speedup_vs_sequential": t_seq / t_batched,
         "speedup_bf16_vs_sequential": t_seq / t_bf16,

@@ -10,6 +10,7 @@ from torch.utils.flop_counter import (FlopCounterMode, flop_registry, register_f
                                       sdpa_flop_count)
 
 from benchmarks.engine import group_flops, matmul_peak, unit_flops
+from susc_core.engine.chains import Rows, pass_rows
 from susc_core.model.components import component, gather
 from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
@@ -34,24 +35,25 @@ def _counted(fn) -> int:
     return counter.get_total_flops()
 
 
-def _measured(group, cfg, params, k: int, passes: list[slice]) -> tuple[float, float]:
+def _measured(group, cfg, params, k: int, passes: list[Rows]) -> tuple[float, float]:
     """(step, observable) FLOPs per token and chain of ``group`` with k chains evaluated in ``passes``, as the
     engine calls it: one cache per step shared by the passes; fixed contexts prepared once per run."""
     gen = torch.Generator().manual_seed(0)
-    step_tokens, obs_tokens = (torch.randint(0, cfg.d_vocab, (1, n, cfg.n_ctx + 1), generator=gen)
-                               for n in (STEP_CONTEXTS, OBS_CONTEXTS))
+    streams = int(passes[0].tokens.max()) + 1  # minibatch streams of a step (fixed contexts: one)
+    step_tokens, obs_tokens = (torch.randint(0, cfg.d_vocab, (g, n, cfg.n_ctx + 1), generator=gen)
+                               for g, n in ((streams, STEP_CONTEXTS), (1, OBS_CONTEXTS)))
     w = gather(params, group.comp).expand(k, -1).clone()
 
     def step():
         with torch.no_grad():
             cache = group.prepare(step_tokens)
         for rows in passes:
-            leaf = w[rows].requires_grad_()
+            leaf = w[rows.chains].requires_grad_()
             torch.autograd.grad(group.losses(leaf, rows, cache, mean=True).sum(), leaf)
 
     with torch.no_grad():
         cache = group.prepare(obs_tokens)
-        obs = _counted(lambda: [group.losses(w[rows], rows, cache) for rows in passes])
+        obs = _counted(lambda: [group.losses(w[rows.chains], rows, cache) for rows in passes])
     return (_counted(step) / (STEP_CONTEXTS * cfg.n_ctx * k), obs / (OBS_CONTEXTS * cfg.n_ctx * k))
 
 
@@ -71,8 +73,23 @@ def test_flop_counts_equal_what_the_groups_execute(cfg, name, plan):
     else:
         k = cfg.n_heads * CHAINS
         group = HeadGroup(params, cfg, layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
-    passes = [slice(0, (k + 1) // 2), slice((k + 1) // 2, k)] if k > 1 else [slice(0, 1)]
-    expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=passes[0].stop,
+    passes = pass_rows(torch.zeros(k, dtype=torch.long), (k + 1) // 2)
+    expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=(passes[0].chains.stop,) * 2,
+                           call_tokens=(STEP_CONTEXTS * cfg.n_ctx, OBS_CONTEXTS * cfg.n_ctx))
+    assert _measured(group, cfg, params, k, passes) == pytest.approx(tuple(expected), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["L0H1", "L1H2"])
+def test_flop_counts_with_one_minibatch_stream_per_chain_index(name):
+    """Independent streams: chain c of every head reads stream c, so the layer's cache is shared by its heads
+    (per stream) and the low-rank path forms each chain's base logits (no sharing within a pass)."""
+    cfg = CFG
+    params = init_params(cfg, torch.Generator().manual_seed(1))
+    comp = component(cfg, name)
+    k = cfg.n_heads * CHAINS
+    group = HeadGroup(params, cfg, comp.layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
+    passes = pass_rows(torch.arange(k) % CHAINS, (k + 1) // 2)
+    expected = group_flops(cfg, cfg.n_ctx, comp.layer, "batched", shared_by=cfg.n_heads, pass_rows=(1, (k + 1) // 2),
                            call_tokens=(STEP_CONTEXTS * cfg.n_ctx, OBS_CONTEXTS * cfg.n_ctx))
     assert _measured(group, cfg, params, k, passes) == pytest.approx(tuple(expected), rel=1e-9)
 
@@ -81,13 +98,22 @@ def test_structure_saves_flops_on_the_default_model():
     """Layer-0 heads save only layer 0's forward (their change reaches the unembedding in full rank); a
     last-layer head of an attention-only model takes its logits through the rank-2·d_head change."""
     cfg, seq = ModelConfig(), 128
-    batched = [group_flops(cfg, seq, l, "batched", 32, 32, (2048, 256)) for l in (0, 1)]
+    batched = [group_flops(cfg, seq, l, "batched", 32, (32, 32), (2048, 256)) for l in (0, 1)]
     ratio = [group_flops(cfg, seq, l, "reference").step / batched[l].step for l in (0, 1)]
     assert 1.0 < ratio[0] < 1.2 and 2.5 < ratio[1] < 3.5
 
 
-def test_matmul_peak_times_the_product_it_counts():
-    assert 0 < matmul_peak("cpu", 64, reps=2) < 1e15  # FLOP/s: a wrong count or clock lands far outside
+def test_matmul_peak_divides_the_products_it_runs_by_their_time(monkeypatch):
+    """On a fake clock (2 s between its two readings), the rate is the timed products' FLOPs / 2 s, and torch's
+    counter sees those products plus the three warm-up ones."""
+    import benchmarks.engine as engine
+
+    clock = iter([10.0, 12.0])
+    monkeypatch.setattr(engine.time, "perf_counter", lambda: next(clock))
+    with FlopCounterMode(display=False) as counter:
+        rate = matmul_peak("cpu", 64, reps=4)
+    assert counter.get_total_flops() == 2 * 64 ** 3 * (4 + 3)
+    assert rate == 2 * 64 ** 3 * 4 / 2.0
 
 
 def test_study_flop_count_reads_the_default_study(tmp_path: Path):

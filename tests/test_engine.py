@@ -3,6 +3,9 @@ import pytest
 import torch
 
 from susc_core.model.components import component, gather, scatter
+from susc_core.engine.chains import chain_rows, pass_rows, reference_values, sample_chains
+from susc_core.engine.seeds import chain_streams
+from susc_core.stats.estimators import per_token_chi
 from susc_core.engine.unit import run_unit
 from susc_core.engine.fused_nll import blocks, fused_nll
 from susc_core.engine.reference import plan_reference
@@ -140,7 +143,7 @@ def _moved_chains(name: str, n_chains: int, n_contexts: int, device):
 def _losses_and_gradient(group, w, tokens):
     """Per-token losses [k, B, S] and the gradient of the chains' summed mean losses in w; checks that
     ``mean=True`` is the token mean."""
-    rows = slice(0, len(w))
+    rows = pass_rows(torch.zeros(len(w), dtype=torch.long, device=w.device), len(w))[0]
     with torch.no_grad():
         nll = group.losses(w, rows, group.prepare(tokens))
     mean = group.losses(w, rows, group.prepare(tokens), mean=True)
@@ -215,3 +218,63 @@ def test_bf16_forward_stays_near_fp32(device):
         assert np.isfinite(bf16[key].g_trace).all() and not bf16[key].diverged
         np.testing.assert_allclose(bf16[key].a_star, fp32[key].a_star)  # references are always fp32
         np.testing.assert_allclose(bf16[key].g_trace, fp32[key].g_trace, atol=2e-3, err_msg=str(key))  # |g| ~ 0.01-0.1
+
+
+def test_chain_streams_one_minibatch_stream_per_chain_index():
+    """Independent streams: chain k of every component reads stream k, different chain indices read
+    different minibatches; shared: one stream for all. A chain's stream does not depend on its stack."""
+    members = [("L1H0", 0), ("L1H0", 2), ("L1H1", 0), ("L1H1", 2)]
+    streams = chain_streams(7, members, False, 30, 5, 4, "cpu")
+    assert streams.token_rows.tolist() == [0, 1, 0, 1] and streams.schedule.shape == (5, 2 * 4)
+    assert not torch.equal(streams.schedule[:, :4], streams.schedule[:, 4:])
+    alone = chain_streams(7, [("L0H1", 2)], False, 30, 5, 4, "cpu")
+    assert torch.equal(alone.schedule, streams.schedule[:, 4:])
+    shared = chain_streams(7, members, True, 30, 5, 4, "cpu")
+    assert shared.token_rows.tolist() == [0] * 4 and shared.schedule.shape == (5, 4)
+
+
+class _Spy:
+    """A ``chains.Group`` that records the training tokens each chain row of a step reads."""
+
+    def __init__(self, group):
+        self.group, self.seen = group, []
+
+    def prepare(self, tokens):
+        self.last = tokens
+        return self.group.prepare(tokens)
+
+    def losses(self, w, rows, cache, mean=False):
+        if mean:
+            self.seen.append(chain_rows(self.last, rows))
+        return self.group.losses(w, rows, cache, mean)
+
+
+def test_independent_chains_of_a_component_read_different_minibatches():
+    params, (train, obs, probe) = _setup(CFG)
+    spy = _Spy(CachedGroup(params, CFG, component(CFG, "L1")))
+    streams = chain_streams(0, [("L1", 0), ("L1", 1)], False, len(train), SAMPLER.n_steps, SAMPLER.batch_size, "cpu")
+    ref = reference_values(lambda t: per_token_loss(params, CFG, t), obs, probe, CFG.loss_chunk_tokens)
+    w0 = gather(params, component(CFG, "L1"))
+    sample_chains(spy, w0, streams, train, obs, probe, ref, SAMPLER, CFG.loss_chunk_tokens)
+    assert len(spy.seen) == SAMPLER.n_steps and all(seen.shape[0] == 2 for seen in spy.seen)
+    for step, seen in enumerate(spy.seen):
+        torch.testing.assert_close(seen[0], train[streams.schedule[step, :4]], rtol=0, atol=0)
+        torch.testing.assert_close(seen[1], train[streams.schedule[step, 4:]], rtol=0, atol=0)
+    assert any(not torch.equal(seen[0], seen[1]) for seen in spy.seen)
+
+
+def test_independent_chains_are_reproducible_and_their_se_is_the_across_chain_formula():
+    params, (train, obs, probe) = _setup(CFG)
+    sampler = SamplerConfig(**{**SAMPLER.__dict__, "n_draws": 6})
+    assert not sampler.share_minibatches  # the default
+    runs = [run_unit(CFG, params, ["L1H0", "full"], [0, 1, 2], sampler, train, obs, probe, seed=4) for _ in range(2)]
+    for key in runs[0]:
+        assert np.array_equal(runs[0][key].g_trace, runs[1][key].g_trace)
+        assert np.array_equal(runs[0][key].sum_ga, runs[1][key].sum_ga)
+    out = runs[0]
+    comp, full = [out[("L1H0", c)] for c in range(3)], [out[("full", c)] for c in range(3)]
+    estimate = per_token_chi(comp, full)
+    mean_full_a = sum(c.sum_a for c in full) / sum(c.count for c in full)
+    per_chain = np.stack([-(c.sum_ga / c.count - c.g_trace.mean() * mean_full_a) for c in comp])
+    np.testing.assert_allclose(estimate.se, per_chain.std(axis=0, ddof=1) / np.sqrt(3), rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(estimate.value, per_chain.mean(axis=0), rtol=1e-6, atol=1e-12)

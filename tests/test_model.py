@@ -5,8 +5,10 @@ import torch
 import torch.nn.functional as F
 
 from susc_core.model.chunked_nll import chunked_nll
-from susc_core.model.transformer import (ModelConfig, Transformer, final_norm, init_params, logits, n_params,
-                                         param_shapes, per_token_loss)
+from dataclasses import replace
+
+from susc_core.model.transformer import (ModelConfig, Transformer, final_norm, hook_name, hook_names, init_params,
+                                         logits, n_params, param_shapes, per_token_loss)
 
 TINY = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=32, loss_chunk_tokens=5)
 
@@ -107,3 +109,25 @@ def test_mismatched_parameters_are_rejected_by_name():
     del params["blocks.1.attn.W_V"]
     with pytest.raises(ValueError, match="blocks.1.attn.W_V"):
         Transformer(TINY, params)
+
+
+@pytest.mark.parametrize("d_mlp", [0, 12])
+def test_every_listed_hook_point_is_called_once_in_forward_order(d_mlp):
+    cfg = replace(TINY, d_mlp=d_mlp)
+    params = _random_params(cfg)
+    called = []
+    hooks = {name: (lambda x, name=name: called.append(name) or x) for name in hook_names(cfg)}
+    tokens = torch.randint(0, cfg.d_vocab, (2, 6))
+    torch.testing.assert_close(per_token_loss(params, cfg, tokens, hooks), per_token_loss(params, cfg, tokens))
+    assert called == hook_names(cfg) and len(called) == 2 + cfg.n_layers * (5 + (d_mlp > 0))
+    assert ("blocks.0.hook_mlp_out" in hook_names(cfg)) == (d_mlp > 0)
+
+
+def test_an_unknown_hook_name_raises_with_the_valid_ones():
+    params = _random_params(TINY)
+    with pytest.raises(ValueError, match=r"unknown hook name\(s\) \['blocks.0.attn.hook_zz'\].*blocks.0.attn.hook_z"):
+        per_token_loss(params, TINY, torch.randint(0, TINY.d_vocab, (2, 6)), {"blocks.0.attn.hook_zz": lambda x: x})
+    with pytest.raises(ValueError, match="unknown hook point"):
+        hook_name("attn", 0)
+    with pytest.raises(ValueError, match="needs layer"):
+        hook_name("z")

@@ -209,3 +209,12 @@ def test_viewer_json_is_embedded_safely_for_any_token_text(tmp_path):
     start = page.index('<script type="application/json" id="viewer-data">')
     payload = page[start:page.index("</script>", start)].split(">", 1)[1]
     assert "<" not in payload and "<!--<script>" in json.dumps(json.loads(payload))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_report_flags_shared_minibatches(tmp_path, shared):
+    run_dir = write_planted_run(tmp_path / "r")
+    (run_dir / "manifest.json").write_text(json.dumps(
+        {"config": {"perturbation": {"delta_h": DELTA_H}, "sampler": {"share_minibatches": shared}}}))
+    page = write_report(run_dir).read_text()
+    assert ("share_minibatches is on" in page) == shared

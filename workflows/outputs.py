@@ -120,8 +120,7 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
         for i, probe in enumerate(probe_names):
             weights = (token_probe == i) / counts[i]
             ref = reference(stats, comp)
-            per_chain = [mixture_chi([c], ref, weights, 1.0).value for c in stats[comp] if not c.diverged]
-            se = float(np.std(per_chain, ddof=1) / np.sqrt(len(per_chain))) if len(per_chain) > 1 else float("nan")
+            se = mixture_chi(stats[comp], ref, weights, 1.0).se  # the probe's mean χ̂ is the δh = 1 mixture
             if dataset is None:  # NaN for a probe with no half-b context: nothing held out to compare with
                 mix_tokens = (token_probe == i) & held_out
                 mixture = (mixture_chi(stats[comp], ref, mix_tokens / mix_tokens.sum(), delta_h).value

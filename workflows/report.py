@@ -121,7 +121,11 @@ def _diagnostics_section(run: RunResults, cfg: AnalysisConfig) -> str:
     names = {"component": "component", "chain_count": "chains", "flagged chains_sum": "flagged chains",
              "llc_mean": "llc (mean)", "rhat_max": "max rhat", "ess_min": "min ess"}
     summary_rows = [{new: row[old] for old, new in names.items()} for row in per_component.to_pylist()]
-    return ("<h2 id='diagnostics'>Sampler diagnostics</h2><p>Flagged (highlighted): diverged, "
+    shared = run.manifest.get("config", {}).get("sampler", {}).get("share_minibatches", False)
+    shared_note = ("<p class='warn'><b>share_minibatches is on</b>: every chain read the same minibatch sequence, "
+                   "so the chains of a component are not independent; standard errors, R-hat and ESS are "
+                   "optimistic (README, \"Independent chains\").</p>") if shared else ""
+    return ("<h2 id='diagnostics'>Sampler diagnostics</h2>" + shared_note + "<p>Flagged (highlighted): diverged, "
             f"R-hat &gt; {rules.max_rhat} or ESS &lt; {rules.min_ess}. <code>llc</code> is the "
             "weight-refined LLC of a head (the ordinary LLC for <code>full</code>).</p>"
             + html_table(summary_rows, [r["flagged chains"] > 0 for r in summary_rows])

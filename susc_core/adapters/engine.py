@@ -19,7 +19,7 @@ import torch
 from torch.func import vmap
 
 from susc_core.stats.accumulator import to_chain_stats
-from susc_core.engine.chains import reference_values, sample_chains
+from susc_core.engine.chains import Rows, chain_rows, pass_rows, reference_values, sample_chains
 from susc_core.stats.diagnostics import enforce_divergence_policy
 from susc_core.engine.unit import check_contexts
 from susc_core.engine.memory import MIB, peak_memory_mib
@@ -33,7 +33,7 @@ CHAIN_STATE_BUFFERS = 5  # [dim] float32 buffers per chain in an SGLD step: w, g
 
 
 class AdapterGroup:
-    """Chains of one component of an adapter. tokens [G, B, S+1] (G = 1 shared, or one row per chain);
+    """Chains of one component of an adapter. tokens [G, B, S+1] (G minibatch streams, see ``chains.Rows``);
     ``losses(w [k, dim], rows, cache) -> [k, B, S]`` nats."""
 
     def __init__(self, adapter: ModelAdapter, base: Params, index: dict[str, torch.Tensor]):
@@ -45,11 +45,11 @@ class AdapterGroup:
     def _loss(self, w: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         return self.adapter.per_token_loss(scatter(self.base, self.index, w), tokens)
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: Rows, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
         if cache.shape[0] == 1:
             out = vmap(self._loss, in_dims=(0, None))(w, cache[0])
         else:
-            out = vmap(self._loss)(w, cache[rows])
+            out = vmap(self._loss)(w, chain_rows(cache, rows))
         return out.mean(dim=(1, 2)) if mean else out
 
 
@@ -65,7 +65,7 @@ def saved_bytes(group: AdapterGroup, w: torch.Tensor, tokens: torch.Tensor) -> i
 
     leaf = w.detach().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        group.losses(leaf, slice(0, len(leaf)), tokens).sum()
+        group.losses(leaf, pass_rows(torch.zeros(len(leaf), dtype=torch.long), len(leaf))[0], tokens).sum()
     return sum(storages.values())
 
 
@@ -120,9 +120,9 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
                                              memory_budget_mib)
             run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
             log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
-        generators, schedule = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
-                                             sampler.batch_size, device)
-        acc = sample_chains(group, w_star, generators, schedule, train, obs, probe, ref, run_sampler,
+        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+                                sampler.batch_size, device)
+        acc = sample_chains(group, w_star, streams, train, obs, probe, ref, run_sampler,
                             adapter.loss_chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)

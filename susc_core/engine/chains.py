@@ -2,28 +2,45 @@
 
 A *group* computes per-token losses for a stack of chains of components; it has two methods:
 ``prepare(tokens [G, B, S+1]) -> cache`` (everything that depends only on w* and the tokens,
-computed once and shared by all chains; G = 1 for shared tokens, or one row per chain) and
-``losses(w [k, dim], rows: slice, cache, mean=False) -> [k, B, S]`` (nats; ``rows`` selects the chains
-of this pass; ``mean=True`` returns each chain's mean loss [k], the SGLD step's objective).
-``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the device,
-divergence and statistics are accumulated there.
+computed once and shared by the chains that read those tokens; G minibatch streams, ``seeds.ChainStreams``)
+and ``losses(w [k, dim], rows: Rows, cache, mean=False) -> [k, B, S]`` (nats; ``rows`` names the chains of
+this pass and the token row each reads; ``mean=True`` returns each chain's mean loss [k], the SGLD step's
+objective). ``sample_chains`` runs the loop with no host synchronisation: minibatch indices live on the
+device, divergence and statistics are accumulated there; each step is ``sgld.step``, the kernel the
+analytic oracles test.
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, NamedTuple, Protocol, Sequence
+from functools import partial
+from typing import Callable, NamedTuple, Protocol
 
 import torch
 
 from susc_core.stats.accumulator import Accumulator, add_draw, init_accumulator, mark_divergence
-from susc_core.engine.sgld import SamplerConfig, draw_noise, sgld_update
+from susc_core.engine import sgld
+from susc_core.engine.seeds import ChainStreams
+from susc_core.engine.sgld import SamplerConfig
+
+
+class Rows(NamedTuple):
+    """The chains of one pass: ``chains`` (a slice of the stack) and ``tokens`` int64 [k] (the row of the
+    prepared tokens each reads; ignored when the cache holds one row, shared by all)."""
+
+    chains: slice
+    tokens: torch.Tensor
+
+
+def chain_rows(t: torch.Tensor, rows: Rows) -> torch.Tensor:
+    """The pass's rows of a prepared tensor [G, ...]: the shared row (G = 1) whole, else one row per chain."""
+    return t[:1] if len(t) == 1 else t[rows.tokens]
 
 
 class Group(Protocol):
     def prepare(self, tokens: torch.Tensor): ...
 
-    def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor: ...
+    def losses(self, w: torch.Tensor, rows: Rows, cache, mean: bool = False) -> torch.Tensor: ...
 
 
 class Reference(NamedTuple):
@@ -53,8 +70,10 @@ def reference_values(per_token_loss: Callable[[torch.Tensor], torch.Tensor], obs
     return Reference(loss_star, all_losses(probe).reshape(-1) - loss_star)
 
 
-def _pass_rows(n_chains: int, chains_per_pass: int) -> list[slice]:
-    return [slice(i, min(i + chains_per_pass, n_chains)) for i in range(0, n_chains, chains_per_pass)]
+def pass_rows(token_rows: torch.Tensor, chains_per_pass: int) -> list[Rows]:
+    """The passes over K = len(token_rows) chains, at most ``chains_per_pass`` each."""
+    return [Rows(slice(i, i + chains_per_pass), token_rows[i:i + chains_per_pass])
+            for i in range(0, len(token_rows), chains_per_pass)]
 
 
 @torch.no_grad()
@@ -64,49 +83,53 @@ def _fixed_caches(group: Group, tokens: torch.Tensor, chunk_tokens: int) -> list
 
 
 @torch.no_grad()
-def _observe(group: Group, w: torch.Tensor, caches: list, chains_per_pass: int) -> torch.Tensor:
+def _observe(group: Group, w: torch.Tensor, caches: list, passes: list[Rows]) -> torch.Tensor:
     """Per-token losses [K, n, S] of every chain on fixed contexts (their ``_fixed_caches``), float32."""
-    return torch.cat([torch.cat([group.losses(w[r], r, cache).float() for r in _pass_rows(len(w), chains_per_pass)])
-                      for cache in caches], dim=1)
+    return torch.cat([torch.cat([group.losses(w[r.chains], r, cache).float() for r in passes]) for cache in caches],
+                     dim=1)
 
 
-def sample_chains(group: Group, w_star: torch.Tensor, generators: Sequence[torch.Generator],
-                  schedule: torch.Tensor, train: torch.Tensor, obs: torch.Tensor, probe: torch.Tensor,
-                  ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
-    """Run K = len(generators) chains from w_star [dim]; returns their on-device statistics.
+def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``grad_fn`` of ``sgld.step``: each chain's mean minibatch loss [K] (nats, fp32) and its gradient
+    [K, dim] at w [K, dim], pass by pass."""
+    grads, losses = [], []
+    for rows in passes:
+        leaf = w[rows.chains].detach().requires_grad_(True)
+        with autocast():
+            loss = group.losses(leaf, rows, cache, mean=True).float()
+        grads.append(torch.autograd.grad(loss.sum(), leaf)[0])
+        losses.append(loss.detach())
+    return torch.cat(losses), torch.cat(grads)
 
-    schedule: [n_steps, G * batch_size] int64 indices into train [N, S+1] (G = 1 shared, else K);
+
+def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, train: torch.Tensor, obs: torch.Tensor,
+                  probe: torch.Tensor, ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
+    """Run K = len(streams.noise) chains from w_star ([dim], or [K, dim]: one start per chain); returns their on-device statistics.
+
+    streams: the chains' noise generators and minibatch schedule (indices into train [N, S+1]);
     obs [M, S+1], probe [P, S+1]: fixed observable and probe contexts.
     """
-    n_chains, device = len(generators), w_star.device
-    w = w_star.expand(n_chains, -1).clone()
+    n_chains, device = len(streams.noise), w_star.device
     acc = init_accumulator(n_chains, ref.a_star.numel(), sampler.n_draws, device)
-    passes = _pass_rows(n_chains, sampler.chains_per_pass)
+    passes = pass_rows(streams.token_rows, sampler.chains_per_pass)
     low_precision = sampler.forward_dtype != "float32"
     autocast = (lambda: torch.autocast(device.type, dtype=getattr(torch, sampler.forward_dtype))) \
         if low_precision else contextlib.nullcontext
     obs_caches, probe_caches = (_fixed_caches(group, t, chunk_tokens) for t in (obs, probe))
-    draw = 0
+    grad_fn = partial(_loss_and_grad, group, passes, autocast)
+    state, draw = sgld.init(w_star, n_chains), 0
     for step in range(1, sampler.n_steps + 1):
-        tokens = train[schedule[step - 1]].view(-1, sampler.batch_size, train.shape[1])
+        tokens = train[streams.schedule[step - 1]].view(-1, sampler.batch_size, train.shape[1])
         with torch.no_grad(), autocast():
             cache = group.prepare(tokens)
-        grads, batch_loss = [], []
-        for rows in passes:
-            leaf = w[rows].detach().requires_grad_(True)
-            with autocast():
-                loss = group.losses(leaf, rows, cache, mean=True).float()
-            grads.append(torch.autograd.grad(loss.sum(), leaf)[0])
-            batch_loss.append(loss.detach())
-        batch_loss = torch.cat(batch_loss)
-        noise = draw_noise(generators, tuple(w.shape), device)
-        w = sgld_update(w, torch.cat(grads), w_star, noise, sampler.step_size, sampler.nbeta, sampler.gamma)
-        mark_divergence(acc, step, ~torch.isfinite(batch_loss) | (batch_loss > ref.loss_star + sampler.blowup_nats))
+        state, info = sgld.step(streams.noise, state, cache, grad_fn, w_star, sampler.step_size, sampler.nbeta,
+                                sampler.gamma)
+        mark_divergence(acc, step, ~torch.isfinite(info.loss) | (info.loss > ref.loss_star + sampler.blowup_nats))
         if sampler.is_draw(step):
-            obs_losses = _observe(group, w, obs_caches, sampler.chains_per_pass)
+            obs_losses = _observe(group, state.w, obs_caches, passes)
             loss_n = obs_losses.mean(dim=(1, 2))  # [K]
             g = loss_n - ref.loss_star
-            a = _observe(group, w, probe_caches, sampler.chains_per_pass).flatten(1) - loss_n[:, None] - ref.a_star
+            a = _observe(group, state.w, probe_caches, passes).flatten(1) - loss_n[:, None] - ref.a_star
             bad = ~torch.isfinite(g) | (g > sampler.blowup_nats) | ~torch.isfinite(a).all(dim=1)
             mark_divergence(acc, step, bad)
             add_draw(acc, draw, g, a)

@@ -41,8 +41,8 @@ def blocks(k: int, n: int, chunk_tokens: int) -> list[tuple[slice, slice]]:
     return [(slice(i, i + 1), slice(s, min(s + chunk_tokens, n))) for s in range(0, n, chunk_tokens) for i in range(k)]
 
 
-def chain_rows(t: torch.Tensor, chains: slice) -> torch.Tensor:
-    """The chains' rows of a per-chain tensor, or the shared one (leading axis 1) whole."""
+def _block_rows(t: torch.Tensor, chains: slice) -> torch.Tensor:
+    """A block's rows of a per-chain tensor, or the shared one (leading axis 1) whole."""
     return t[:1] if len(t) == 1 else t[chains]
 
 
@@ -74,13 +74,13 @@ class FusedNLL(torch.autograd.Function):
         grad_beta = x.new_zeros(k, beta.shape[0], dtype=acc) if need_beta else None
         base_c, base_for = None, None  # a shared base's product for token range base_for, reused by its chains
         for ch, c in blocks(k, n, chunk_tokens):
-            x_b, w_b = x[ch, c], chain_rows(w, ch)  # [kb, cb, r], [1 or kb, r, V]
+            x_b, w_b = x[ch, c], _block_rows(w, ch)  # [kb, cb, r], [1 or kb, r, V]
             kb, cb = x_b.shape[:2]
-            t_b = chain_rows(targets, ch)[:, c].expand(kb, cb)
+            t_b = _block_rows(targets, ch)[:, c].expand(kb, cb)
             scale_b = None if scale is None else scale[ch, c, None]  # [kb, cb, 1]
             pre = _times_w(x_b, w_b, beta if scale_b is None else None)  # pre-scale logits [kb, cb, V] (+ beta)
             if base is not None and (len(base) > 1 or c != base_for):
-                base_c, base_for = _times_w(chain_rows(base, ch)[:, c], w_base[None]), c
+                base_c, base_for = _times_w(_block_rows(base, ch)[:, c], w_base[None]), c
             if base is not None:
                 pre += base_c
             if need_scale:  # the target's pre-scale logit, before pre becomes the logits in place

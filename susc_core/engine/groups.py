@@ -7,7 +7,7 @@
 - ``HeadGroup``: heads of one layer, all chains on an explicit chain axis: only the moving head is
   recomputed per chain; the rest of the layer's output is cached; for heads of the last attention-only
   block the logits come through the low-rank change (``lowrank``).
-Shapes: tokens [G, B, S+1] (G = 1 shared by all chains, or one row per chain); losses [k, B, S] nats,
+Shapes: tokens [G, B, S+1] (G minibatch streams; ``chains.Rows`` maps each chain to its row); losses [k, B, S] nats,
 or each chain's mean [k] with ``mean=True`` (the SGLD step's loss; the fused groups then form the
 weight gradients in the forward, see ``fused_nll``).
 """
@@ -23,7 +23,8 @@ from torch.func import vmap
 
 from susc_core.model import transformer as M
 from susc_core.model.components import Component, scatter, unflatten
-from susc_core.engine.fused_nll import chain_rows, fused_nll
+from susc_core.engine.chains import Rows, chain_rows
+from susc_core.engine.fused_nll import fused_nll
 from susc_core.engine.lowrank import applies as lowrank_applies, final_map, inv_sigma
 
 
@@ -60,7 +61,7 @@ class CachedGroup:
         resid = upstream(self.params, self.cfg, inputs, self.comp.layer)
         return tokens, resid.view(g, b, s1 - 1, -1)
 
-    def losses(self, w: torch.Tensor, rows: slice, cache, mean: bool = False) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: Rows, cache, mean: bool = False) -> torch.Tensor:
         tokens, resid = (None if t is None else chain_rows(t, rows) for t in cache)
         k, shared = len(w), len(tokens) == 1
         start = 0 if resid is None else self.comp.layer
@@ -137,14 +138,14 @@ class HeadGroup:
         x_qk, x_v = M.attention_inputs(self.params, cfg, self.layer, resid, self.params["pos_embed.W_pos"][:s])
         store = {}
         attn = M.attention(self.params, cfg, self.layer, x_qk, x_v,
-                           {f"{p}.attn.hook_z": lambda z: store.setdefault("z", z)})
+                           {M.hook_name("z", self.layer): lambda z: store.setdefault("z", z)})
         cache = {"x_v": x_v, "x_qk": x_qk, "base": resid + attn, "z_star": store["z"],
                  "targets": tokens[..., 1:].reshape(g * b, s)}
         return {k: v.reshape(g, b, *v.shape[1:]) for k, v in cache.items()}
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: dict[str, torch.Tensor], mean: bool = False) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: Rows, cache: dict[str, torch.Tensor], mean: bool = False) -> torch.Tensor:
         k, p = len(w), f"blocks.{self.layer}.attn"
-        heads = self.heads[rows]
+        heads = self.heads[rows.chains]
         c = {name: chain_rows(t, rows) for name, t in cache.items()}
         g, b, s, d = c["x_v"].shape
         wt = unflatten(self.comp, w)
@@ -190,7 +191,7 @@ class HonestHeadGroup(HeadGroup):
     def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens
 
-    def losses(self, w: torch.Tensor, rows: slice, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
+    def losses(self, w: torch.Tensor, rows: Rows, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
         with torch.no_grad():
             head_cache = super().prepare(cache)
         return super().losses(w, rows, head_cache, mean)

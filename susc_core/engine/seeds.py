@@ -2,13 +2,16 @@
 
 A stream is named by (root seed, kind, component name, chain index); the component enters through a
 stable hash of its name (never its position in a list), so a chain draws the same numbers whether it
-runs alone, in a group, or in the sequential reference path. Kinds: ``noise`` (SGLD Gaussian noise),
-``minibatch`` (minibatch order), ``observables`` (choice of the fixed observable contexts).
+runs alone, in a group, or in the sequential reference path. Kinds: ``noise`` (SGLD Gaussian noise,
+one stream per component and chain), ``minibatch`` (minibatch order: one stream per chain index, shared
+by that chain index of every component, or one stream for all chains with ``share_minibatches``),
+``observables`` (choice of the fixed observable contexts).
 """
 
 from __future__ import annotations
 
 import hashlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -60,13 +63,24 @@ def choose_contexts(seed: int, n_available: int, n: int, label: str = SHARED) ->
     return np.sort(rng.choice(n_available, size=n, replace=False)).astype(np.int64)
 
 
+class ChainStreams(NamedTuple):
+    """The random streams of a stack of K chains: ``noise`` (one generator per chain), ``schedule`` int64
+    [n_steps, G * batch_size] (G minibatch streams side by side) and ``token_rows`` int64 [K] (the stream,
+    0 .. G-1, each chain draws its minibatches from)."""
+
+    noise: list[torch.Generator]
+    schedule: torch.Tensor
+    token_rows: torch.Tensor
+
+
 def chain_streams(seed: int, members: list[tuple[str, int]], share_minibatches: bool, n_contexts: int,
-                  n_steps: int, batch_size: int, device: torch.device | str) -> tuple[list[torch.Generator], torch.Tensor]:
-    """The streams of a stack of chains ``members`` [(component name, chain)]: one noise generator per
-    member, and the minibatch schedule int64 [n_steps, G * batch_size] on ``device`` (G = 1 shared by
-    every member when ``share_minibatches``, else one block per member, in ``members`` order)."""
+                  n_steps: int, batch_size: int, device: torch.device | str) -> ChainStreams:
+    """The streams of a stack of chains ``members`` [(component name, chain)]: a noise generator per member,
+    and the minibatch streams: one per distinct chain index (component-independent, sorted by chain index),
+    or one shared by every member when ``share_minibatches``."""
     generators = [torch_generator(stream_seed(seed, "noise", name, chain), device) for name, chain in members]
-    keys = [()] if share_minibatches else members
-    schedule = np.concatenate([minibatch_schedule(stream_seed(seed, "minibatch", *key), n_contexts, n_steps, batch_size)
-                               for key in keys], axis=1)
-    return generators, torch.from_numpy(schedule).to(device)
+    chain_keys = [-1] if share_minibatches else sorted({chain for _, chain in members})
+    schedule = np.concatenate([minibatch_schedule(stream_seed(seed, "minibatch", SHARED, key), n_contexts, n_steps,
+                                                  batch_size) for key in chain_keys], axis=1)
+    rows = [0 if share_minibatches else chain_keys.index(chain) for _, chain in members]
+    return ChainStreams(generators, torch.from_numpy(schedule).to(device), torch.tensor(rows, device=device))

@@ -37,7 +37,9 @@ class SamplerConfig:
     burn_in: int = 0  # SGLD steps before the first counted interval (unconfirmed in the paper)
     steps_between_draws: int = 1  # thinning (unconfirmed in the paper)
     batch_size: int = 16  # training sequences per minibatch (paper per-token: 16; dataset-level: 64)
-    share_minibatches: bool = True  # every chain of every component sees the same minibatch sequence
+    # False: chain k of every component reads minibatch stream k, so a component's chains are independent;
+    # True: one stream for every chain (a speed option: one upstream cache for all chains of a unit)
+    share_minibatches: bool = False
     divergence_policy: str = "fail"  # "fail": raise; "drop": warn and flag the chain (estimators skip it)
     blowup_nats: float = 10.0  # a minibatch or observable loss this far above L_n(w*) counts as divergence
     forward_dtype: str = "float32"  # dtype of the gradient forward pass; observables always run in float32
@@ -106,7 +108,7 @@ def draw_noise(generator: torch.Generator | Sequence[torch.Generator], shape: tu
 
 
 def init(w_star: torch.Tensor, n_chains: int) -> SGLDState:
-    """Every chain starts at w_star [dim]."""
+    """Every chain starts at w_star ([dim], or [n_chains, dim])."""
     return SGLDState(w_star.detach().expand(n_chains, -1).clone(), 0)
 
 

@@ -7,7 +7,8 @@ tolerance): the orchestrator may split (components x chains) any way it likes.
 
 Batched plan: the heads of one layer form one ``HeadGroup`` (all their chains on one chain axis);
 every other component is a ``CachedGroup`` of its chains. Upstream activations are computed once per
-context and shared; the minibatch sequence is shared by all chains when ``share_minibatches``.
+minibatch stream and shared by the chains that read it: chain k of every component reads stream k
+(``seeds.chain_streams``), or every chain the one stream with ``share_minibatches``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from susc_core.stats.chain_stats import ChainStats
 MODES = ("batched", "reference")
 # bump when a change alters the statistics a unit returns (beyond float tolerance): studies key their
 # cached units on it, so units computed by older code are never mixed with new ones
-NUMERICS_VERSION = 2
+NUMERICS_VERSION = 3
 
 
 def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
@@ -97,11 +98,10 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains))
     results: dict[tuple[str, int], ChainStats] = {}
     for group, members in plan:
-        generators, schedule = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
-                                             sampler.batch_size, device)
+        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+                                sampler.batch_size, device)
         w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
-        acc = sample_chains(group, w0, generators, schedule, train, obs, probe, ref, sampler,
-                            model_cfg.loss_chunk_tokens)
+        acc = sample_chains(group, w0, streams, train, obs, probe, ref, sampler, model_cfg.loss_chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     enforce_divergence_policy(results, sampler.divergence_policy)
     return results

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from susc_core.model.transformer import ModelConfig, Params, final_norm, per_token_loss
+from susc_core.model.transformer import ModelConfig, Params, final_norm, hook_name, per_token_loss
 from susc_core.data.synthetic import repeated_random
 
 
@@ -34,7 +34,7 @@ def attention_patterns(params: Params, cfg: ModelConfig, tokens: torch.Tensor) -
             return pattern
         return hook
 
-    hooks = {f"blocks.{layer}.attn.hook_pattern": keep(layer) for layer in range(cfg.n_layers)}
+    hooks = {hook_name("pattern", layer): keep(layer) for layer in range(cfg.n_layers)}
     final_norm(params, cfg, tokens, hooks)
     return torch.stack([patterns[layer] for layer in range(cfg.n_layers)])
 
@@ -108,7 +108,7 @@ def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor)
                 z = z.clone()
                 z[:, :, head] = 0.0
                 return z
-            ablated = per_token_loss(params, cfg, tokens, {f"blocks.{layer}.attn.hook_z": zero_head})
+            ablated = per_token_loss(params, cfg, tokens, {hook_name("z", layer): zero_head})
             deltas.append(ablated - clean)
     return torch.stack(deltas)
 

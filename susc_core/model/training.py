@@ -14,7 +14,7 @@ import torch
 
 from susc_core.model.components import HEAD_RE, expand_names
 from susc_core.model.head_roles import head_labels
-from susc_core.model.transformer import Hooks, ModelConfig, Params, logits, per_token_loss
+from susc_core.model.transformer import Hooks, ModelConfig, Params, hook_name, logits, per_token_loss
 from susc_core.data.synthetic import gapped_repeats, tiled_repeats
 
 
@@ -123,7 +123,7 @@ def head_gate_hooks(cfg: ModelConfig, active_heads: list[str]) -> Hooks:
             m = HEAD_RE.match(name)
             if int(m.group(1)) == layer:
                 mask[int(m.group(2))] = 1.0
-        hooks[f"blocks.{layer}.attn.hook_z"] = lambda z, mask=mask: z * mask.to(z.device, z.dtype)
+        hooks[hook_name("z", layer)] = lambda z, mask=mask: z * mask.to(z.device, z.dtype)
     return hooks
 
 

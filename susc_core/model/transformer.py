@@ -6,10 +6,12 @@ swap or stack them. Positions are *shortformer* (TransformerLens): the learned p
 added to the residual before ``ln1`` on the query/key path only, ``ln1(resid + pos)``, while values
 read ``ln1(resid)``; positions never enter the residual stream.
 
-Named hook points (TransformerLens names) let callers read or edit activations:
-``hook_embed``, ``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern`` [batch, head, q, k],
+Named hook points (TransformerLens names) let callers read or edit activations: ``hook_names(cfg)``
+lists them, ``hook_name(point, layer)`` builds one (``HOOK_POINTS``: ``hook_embed``,
+``blocks.{l}.hook_resid_pre``, ``blocks.{l}.attn.hook_pattern`` [batch, head, q, k],
 ``blocks.{l}.attn.hook_z`` [batch, pos, head, d_head], ``blocks.{l}.hook_attn_out``,
-``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``, ``ln_final.hook_normalized``.
+``blocks.{l}.hook_mlp_out``, ``blocks.{l}.hook_resid_post``, ``ln_final.hook_normalized``); the forward
+refuses a hook name the model does not have.
 """
 
 from __future__ import annotations
@@ -100,6 +102,36 @@ def init_params(cfg: ModelConfig, generator: torch.Generator) -> Params:
     return params
 
 
+HOOK_POINTS = {"embed": "hook_embed", "resid_pre": "blocks.{layer}.hook_resid_pre",
+               "pattern": "blocks.{layer}.attn.hook_pattern", "z": "blocks.{layer}.attn.hook_z",
+               "attn_out": "blocks.{layer}.hook_attn_out", "mlp_out": "blocks.{layer}.hook_mlp_out",
+               "resid_post": "blocks.{layer}.hook_resid_post", "normalized": "ln_final.hook_normalized"}
+
+
+def hook_name(point: str, layer: int | None = None) -> str:
+    """The hook name of ``point`` (a key of ``HOOK_POINTS``) in ``layer`` (per-layer points only)."""
+    if point not in HOOK_POINTS:
+        raise ValueError(f"unknown hook point {point!r}; valid: {sorted(HOOK_POINTS)}")
+    template = HOOK_POINTS[point]
+    if ("{layer}" in template) != (layer is not None):
+        raise ValueError(f"hook point {point!r} {'needs' if '{layer}' in template else 'takes no'} layer")
+    return template.format(layer=layer)
+
+
+def hook_names(cfg: ModelConfig) -> list[str]:
+    """Every hook point of a model in forward order (no ``mlp_out`` in an attention-only model)."""
+    per_layer = [p for p in ("resid_pre", "pattern", "z", "attn_out", "mlp_out", "resid_post")
+                 if p != "mlp_out" or cfg.d_mlp > 0]
+    return ([hook_name("embed")] + [hook_name(p, l) for l in range(cfg.n_layers) for p in per_layer]
+            + [hook_name("normalized")])
+
+
+def check_hooks(cfg: ModelConfig, hooks: Hooks | None) -> None:
+    """Raise if ``hooks`` names a hook point the model does not have (a typo would silently do nothing)."""
+    if hooks and (unknown := set(hooks) - set(hook_names(cfg))):
+        raise ValueError(f"unknown hook name(s) {sorted(unknown)}; this model's hook points: {hook_names(cfg)}")
+
+
 def _hook(hooks: Hooks | None, name: str, x: torch.Tensor) -> torch.Tensor:
     return hooks[name](x) if hooks and name in hooks else x
 
@@ -137,19 +169,19 @@ def attention(params: Params, cfg: ModelConfig, layer: int, x_qk: torch.Tensor, 
     explicitly only when a ``hook_pattern`` hook asks for it; otherwise the fused causal kernel
     (``scaled_dot_product_attention``) computes the same z.
     """
-    p = f"blocks.{layer}.attn"
+    p, pattern_hook = f"blocks.{layer}.attn", hook_name("pattern", layer)
     q = head_projection(x_qk, params[f"{p}.W_Q"], params[f"{p}.b_Q"])
     k = head_projection(x_qk, params[f"{p}.W_K"], params[f"{p}.b_K"])
     v = head_projection(x_v, params[f"{p}.W_V"], params[f"{p}.b_V"])
-    if hooks and f"{p}.hook_pattern" in hooks:
+    if hooks and pattern_hook in hooks:
         scores = q @ k.transpose(-1, -2) / math.sqrt(cfg.d_head)
         n = x_v.shape[-2]
         causal = torch.ones(n, n, dtype=torch.bool, device=x_v.device).tril()
-        pattern = hooks[f"{p}.hook_pattern"](scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
+        pattern = hooks[pattern_hook](scores.masked_fill(~causal, float("-inf")).softmax(dim=-1))
         z = pattern @ v
     else:
         z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    z = _hook(hooks, f"{p}.hook_z", z.transpose(-3, -2))  # [batch, pos, head, d_head]
+    z = _hook(hooks, hook_name("z", layer), z.transpose(-3, -2))  # [batch, pos, head, d_head]
     w_o = params[f"{p}.W_O"]  # [head, d_head, d_model]
     return F.linear(z.flatten(-2), w_o.reshape(-1, w_o.shape[-1]).T, params[f"{p}.b_O"])
 
@@ -158,7 +190,7 @@ def explicit_pattern_hooks(cfg: ModelConfig) -> Hooks:
     """Identity ``hook_pattern`` hooks on every layer: attention then forms its pattern explicitly, which
     ``torch.func.vmap`` can batch (the fused SDPA kernels have no batching rule, and CUDA's backward
     fails under vmap's fallback)."""
-    return {f"blocks.{l}.attn.hook_pattern": lambda pattern: pattern for l in range(cfg.n_layers)}
+    return {hook_name("pattern", l): lambda pattern: pattern for l in range(cfg.n_layers)}
 
 
 def mlp(params: Params, layer: int, x_norm: torch.Tensor) -> torch.Tensor:
@@ -172,18 +204,18 @@ def block(params: Params, cfg: ModelConfig, layer: int, resid: torch.Tensor, pos
           hooks: Hooks | None = None) -> torch.Tensor:
     """One transformer block: resid [batch, pos, d_model] -> resid_post [batch, pos, d_model]."""
     p = f"blocks.{layer}"
-    resid = _hook(hooks, f"{p}.hook_resid_pre", resid)
+    resid = _hook(hooks, hook_name("resid_pre", layer), resid)
     x_qk, x_v = attention_inputs(params, cfg, layer, resid, pos)
-    resid = resid + _hook(hooks, f"{p}.hook_attn_out", attention(params, cfg, layer, x_qk, x_v, hooks))
+    resid = resid + _hook(hooks, hook_name("attn_out", layer), attention(params, cfg, layer, x_qk, x_v, hooks))
     if cfg.d_mlp > 0:
         x_norm = layer_norm(resid, params[f"{p}.ln2.w"], params[f"{p}.ln2.b"], cfg.ln_eps)
-        resid = resid + _hook(hooks, f"{p}.hook_mlp_out", mlp(params, layer, x_norm))
-    return _hook(hooks, f"{p}.hook_resid_post", resid)
+        resid = resid + _hook(hooks, hook_name("mlp_out", layer), mlp(params, layer, x_norm))
+    return _hook(hooks, hook_name("resid_post", layer), resid)
 
 
 def embed(params: Params, tokens: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:
     """Token embedding only (shortformer: no positions in the residual): [batch, pos] -> [batch, pos, d_model]."""
-    return _hook(hooks, "hook_embed", params["embed.W_E"][tokens])
+    return _hook(hooks, hook_name("embed"), params["embed.W_E"][tokens])
 
 
 def final_norm(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
@@ -192,8 +224,10 @@ def final_norm(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
     """Normalised final residual [batch, pos, d_model] for input tokens [batch, pos].
 
     With ``resid`` given (the cached ``blocks.{start_layer}.hook_resid_pre``), the blocks before
-    ``start_layer`` are skipped: their activations do not depend on later layers' weights.
+    ``start_layer`` are skipped: their activations do not depend on later layers' weights. ``hooks``:
+    {hook name: fn(activation) -> activation}; an unknown name raises (``check_hooks``).
     """
+    check_hooks(cfg, hooks)
     n = tokens.shape[-1]
     if n > cfg.n_ctx:
         raise ValueError(f"context of {n} tokens exceeds the model's n_ctx={cfg.n_ctx}")
@@ -203,7 +237,7 @@ def final_norm(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
     for layer in range(start_layer, cfg.n_layers):
         resid = block(params, cfg, layer, resid, pos, hooks)
     x = layer_norm(resid, params["ln_final.w"], params["ln_final.b"], cfg.ln_eps)
-    return _hook(hooks, "ln_final.hook_normalized", x)
+    return _hook(hooks, hook_name("normalized"), x)
 
 
 def logits(params: Params, cfg: ModelConfig, tokens: torch.Tensor, hooks: Hooks | None = None) -> torch.Tensor:

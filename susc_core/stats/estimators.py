@@ -9,7 +9,11 @@ Without a full run (a study with ``components.include_full=false``, for models w
 run is too costly) the component's own chains are passed as ``full``: χ̂ = -Cov_C[g, a_t], the
 covariance under the weight-restricted posterior. That is a different estimator (it drops the
 term mean_C[g]·(mean_full[a_t] - mean_C[a_t]) that the full run adds); compare it only with itself.
-Standard errors are across chains: the spread of the per-chain estimates / sqrt(chains).
+Standard errors are across chains, by the delta method on the pooled means: χ̂ is linearised in each
+chain's means, and the spread of those linear terms / sqrt(chains) is the SE. When the centring run is
+a separate run (the full run), its chains' spread of mean_full[a_t] (times mean_C[g]) adds in
+quadrature: leaving it out underestimates the SE (``benchmarks/chain_independence.py`` measures by how
+much against independent repeats).
 """
 
 from __future__ import annotations
@@ -44,17 +48,28 @@ def _se(per_chain: list) -> np.ndarray | float:
 
 
 def per_token_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats]) -> Estimate:
-    """χ̂^C_t for every probe token t: [T] value and standard error (across the component's chains).
+    """χ̂^C_t for every probe token t: [T] value and standard error (across chains, delta method).
 
     full: the chains whose mean of a_t centres the estimate (the unrestricted run; ``comp`` itself for
     the restricted covariance -Cov_C[g, a_t])."""
+    return _centred_estimate(comp, full, lambda a: a)
+
+
+def _centred_estimate(comp: Sequence[ChainStats], full: Sequence[ChainStats], project) -> Estimate:
+    """χ̂ = -(m_ga - m_g · m_fa) of the projected token sums (``project``: [T] -> [T] or a scalar) and its SE.
+
+    Delta method: the component's chains contribute ψ_c = -(m_ga,c - m_g,c · m_fa) (and, when ``full`` is
+    the same chains, + m_g · m_a,c); a separate centring run contributes m_g · m_fa,f over its chains f, in
+    quadrature (the two runs' chains are independent)."""
     comp, full = _kept(comp), _kept(full)
-    f = pool(full)
-
-    def chi(s) -> np.ndarray:
-        return chi_from_sums(s.sum_ga, s.sum_g, s.count, f.sum_a, f.count)
-
-    return Estimate(chi(pool(comp)), _se([chi(c) for c in comp]))
+    pc, pf = pool(comp), pool(full)
+    m_g, m_fa = pc.sum_g / pc.count, project(pf.sum_a) / pf.count
+    value = -(project(pc.sum_ga) / pc.count - m_g * m_fa)
+    psi = [-(project(c.sum_ga) / c.count - (c.sum_g / c.count) * m_fa) for c in comp]
+    if {id(c) for c in comp} == {id(c) for c in full}:
+        return Estimate(value, _se([p + m_g * project(c.sum_a) / c.count for p, c in zip(psi, comp)]))
+    centring = [m_g * project(c.sum_a) / c.count for c in full]
+    return Estimate(value, np.sqrt(_se(psi) ** 2 + _se(centring) ** 2))
 
 
 def chi_from_sums(sum_ga: np.ndarray, sum_g: float, count: int, full_sum_a: np.ndarray,
@@ -83,14 +98,8 @@ def mixture_chi(comp: Sequence[ChainStats], full: Sequence[ChainStats], token_we
     w = np.asarray(token_weights, np.float64)
     if not np.isclose(w.sum(), 1.0):
         raise ValueError(f"token_weights must sum to 1, got {w.sum()}")
-    comp, full = _kept(comp), _kept(full)
-    f = pool(full)
-    mean_full = delta_h * (f.sum_a @ w) / f.count
-
-    def chi(s) -> float:
-        return -(delta_h * (s.sum_ga @ w) / s.count - (s.sum_g / s.count) * mean_full)
-
-    return Estimate(chi(pool(comp)), float(_se([[chi(c)] for c in comp])[0]))
+    estimate = _centred_estimate(comp, full, lambda a: delta_h * (a @ w))
+    return Estimate(float(estimate.value), float(estimate.se))
 
 
 def llc(chains: Sequence[ChainStats], nbeta: float) -> Estimate:
