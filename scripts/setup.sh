@@ -33,5 +33,6 @@ done
 
 [ -f data/corpus/manifest.json ] || .venv/bin/python -m workflows.build_corpus
 
-export RAY_AUTH_MODE=${RAY_AUTH_MODE:-disabled}
+# the local Ray runtime of a study authenticates with a fresh random token (workflows/runtime.py) unless
+# RAY_AUTH_MODE is set; the tests set it to disabled (tests/conftest.py)
 export RAY_USAGE_STATS_ENABLED=${RAY_USAGE_STATS_ENABLED:-0}

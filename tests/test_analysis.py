@@ -160,5 +160,6 @@ def test_sampler_diagnostics_counts():
                      "diverged": [False, False, False, True]})
     check = validation.sampler_diagnostics(diag, RULES)
     assert check.status == "flag" and len(check.details) == 3
-    assert check.summary.startswith("3 of 4 (component, chain) flagged: 1 diverged, 1 with R-hat")
+    assert check.summary.startswith("3 of 4 (component, chain) flagged: 1 diverged, 0 unstable, 0 nonstationary, "
+                                    "0 llc_outlier, 1 with R-hat")
     assert check.summary.endswith("R-hat undefined (fewer than two kept chains or 4 draws) for 1")

@@ -41,8 +41,10 @@ def tables(run_dir):
 
 
 def assert_same_results(a, b):
+    """Bitwise-equal tables (NaN, e.g. an undefined drift_z, equal to NaN in the same cell)."""
     for name in ("response_matrix", "token_susceptibilities", "diagnostics"):
-        assert a[name].equals(b[name]), f"{name} differs"
+        assert a[name].schema.equals(b[name].schema), f"{name} schema differs"
+        assert a[name].to_pandas().equals(b[name].to_pandas()), f"{name} differs"
 
 
 @pytest.fixture
@@ -100,7 +102,7 @@ def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, t
     monkeypatch.setattr(study, "unit_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         study.run(cfg)
-    assert len(list((tmp_path / "cache").glob("*.npz"))) == 2  # the two finished units were kept
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # the two finished units and the pre-flight kept
     monkeypatch.setattr(study, "unit_task", real_task)
     cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="second")
     summary = study.run(cfg)
@@ -209,3 +211,22 @@ def test_studies_started_together_get_their_own_run_folders(tmp_path, tiny_check
     assert len(runs) == 2
     nbetas = sorted(json.loads((r / "manifest.json").read_text())["config"]["sampler"]["nbeta"] for r in runs)
     assert nbetas == [10.0, 30.0]
+
+
+def test_unstable_sampler_stops_at_the_preflight_before_any_chain(tmp_path, tiny_checkpoint, corpus_dir):
+    """The audit's case (step 10, no localisation) exited 0 with every check "pass"; the pre-flight now names the
+    components and the step size that passes, and only the pre-flight's result is cached."""
+    cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", "sampler.step_size=10",
+                        "sampler.gamma=0", "components.include_full=false")
+    with pytest.raises(RuntimeError, match=r"curvature pre-flight: SGLD is unstable for [1-4] of 4 component.*"
+                                           r"step_size <= "):
+        study.run(cfg)
+    assert len(list((tmp_path / "cache").glob("*.npz"))) == 1
+    dropped = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", "sampler.step_size=10",
+                            "sampler.gamma=0", "components.include_full=false", "sampler.divergence_policy=drop",
+                            name="dropped")
+    with pytest.raises(ValueError, match="component L.H.: no chain left to estimate from"):
+        study.run(dropped)
+    diagnostics = pq.read_table(tmp_path / "dropped" / "diagnostics.parquet").to_pylist()
+    unstable = [row for row in diagnostics if row["unstable"]]
+    assert unstable and all(row["excluded"] and row["stability"] > 2 for row in unstable)

@@ -18,7 +18,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from workflows.plan import WorkUnit
-from workflows.runtime import get_logger
+from workflows.runtime import authenticate_local_runtime, get_logger
 from workflows.unit_store import UnitStats, UnitStore
 
 log = get_logger("execute")
@@ -40,6 +40,9 @@ class ClusterConfig:
     max_in_flight: int = 0  # cap on submitted, unfinished units; 0: twice the cluster's slots
     max_retries: int = 3  # Ray re-runs a unit whose worker process died
     wait_timeout_s: float = 600.0  # no unit finishing for this long means the request cannot be scheduled
+    claim_poll_s: float = 2.0  # how often to look for units another study on the same cache is computing
+    claim_stale_s: float = 3600.0  # another host's claim on a unit not refreshed for this long is taken over
+    auth_token_bytes: int = 32  # random bytes of the local runtime's token (unless RAY_AUTH_MODE is set)
     kill_worker_once_dir: str | None = None  # fault injection for tests: one worker dies mid-study (marker file here)
     runtime_env: dict = field(default_factory=dict)  # Ray runtime_env for attached clusters (working_dir, pip ...)
 
@@ -85,7 +88,10 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
 
 
 def init_ray(cluster: ClusterConfig) -> dict:
-    """Start a private local runtime or attach to ``cluster.address``; returns the cluster's resources."""
+    """Start a private local runtime (token-authenticated, ``authenticate_local_runtime``) or attach to
+    ``cluster.address``; returns the cluster's resources."""
+    if cluster.address == "local" and "ray" not in sys.modules:
+        log.info("local Ray runtime, authentication: %s", authenticate_local_runtime(cluster.auth_token_bytes))
     import ray
 
     if not ray.is_initialized():
@@ -109,18 +115,25 @@ def init_ray(cluster: ClusterConfig) -> dict:
 
 
 def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, store: UnitStore) -> RunReport:
-    """Compute every unit missing from ``store``; finished units are saved as they arrive."""
+    """Compute every unit missing from ``store``; finished units are saved as they arrive.
+
+    Units are claimed first (``UnitStore.claim``): those another study on the same cache is computing are
+    waited for, polled every ``cluster.claim_poll_s``, and taken over if their claim goes stale."""
     start = time.perf_counter()
     todo = [u for u in units if not store.has(u.key)]
-    cached = len(units) - len(todo)
     log.info("%d work units: %d cached in %s, %d to compute (executor=%s)",
-             len(units), cached, store.root, len(todo), cluster.executor)
+             len(units), len(units) - len(todo), store.root, len(todo), cluster.executor)
     where: dict[str, int] = {}
     peaks: list[tuple[float, float]] = []  # (RSS, CUDA) of every computed unit
-    bar = tqdm(total=len(units), initial=cached, desc="units", unit="unit", dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit", dynamic_ncols=True,
+               file=sys.stderr)
+    claimed: set[str] = set()
 
     def finish(unit: WorkUnit, stats: UnitStats, info: dict) -> None:
         store.save(unit.key, stats)
+        store.release(unit.key)
+        claimed.discard(unit.key)
+        store.refresh(claimed)
         place = f"{info['host']}:{info['device']}"
         where[place] = where.get(place, 0) + 1
         peaks.append((info["peak_rss_mib"], info["peak_cuda_mib"]))
@@ -128,22 +141,50 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
                  info["pid"], info["seconds"], info["peak_rss_mib"])
         bar.update(1)
 
+    def claim(candidates: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
+        mine, others = [], []
+        for unit in candidates:
+            if not store.has(unit.key) and store.claim(unit.key):
+                if not store.has(unit.key):  # not finished by another study between the two looks
+                    claimed.add(unit.key)
+                    mine.append(unit)
+                    continue
+                store.release(unit.key)
+            if store.has(unit.key):
+                bar.update(1)
+            else:
+                others.append(unit)
+        return mine, others
+
     threads = int(cluster.task_cpus) if cluster.task_cpus >= 1 else 1
     try:
-        if cluster.executor == "inprocess":
-            for unit in todo:
-                finish(unit, *_run_with_info(task, unit, shared, threads, None))
-        elif cluster.executor == "ray":
-            _run_on_ray(todo, task, shared, cluster, threads, finish)
-        else:
-            raise ValueError(f"cluster.executor={cluster.executor!r}; choose 'ray' or 'inprocess'")
+        mine, others = claim(todo)
+        while mine or others:
+            if others:
+                log.info("%d unit(s) are being computed by another study on %s; computing the other %d, then "
+                         "waiting for those", len(others), store.root, len(mine))
+            if cluster.executor == "inprocess":
+                for unit in mine:
+                    finish(unit, *_run_with_info(task, unit, shared, threads, None))
+            elif cluster.executor == "ray":
+                if mine:
+                    _run_on_ray(mine, task, shared, cluster, threads, finish)
+            else:
+                raise ValueError(f"cluster.executor={cluster.executor!r}; choose 'ray' or 'inprocess'")
+            mine = []
+            while others and not mine:
+                time.sleep(cluster.claim_poll_s)
+                mine, others = claim(others)
     except KeyboardInterrupt:
         log.warning("interrupted: %d of %d units are finished and cached in %s; rerun the same command to "
                     "compute only the rest", sum(store.has(u.key) for u in units), len(units), store.root)
         raise
     finally:
+        for key in claimed:
+            store.release(key)
         bar.close()
-    return RunReport(len(units), cached, len(todo), time.perf_counter() - start, where,
+    computed = sum(where.values())
+    return RunReport(len(units), len(units) - computed, computed, time.perf_counter() - start, where,
                      _largest(p[0] for p in peaks), _largest(p[1] for p in peaks))
 
 

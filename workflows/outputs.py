@@ -164,19 +164,24 @@ def token_response_table(keys: dict, chi: dict[str, np.ndarray], se: dict[str, n
     return pa.Table.from_pylist(records).replace_schema_metadata(_meta(components, layers, family="tokens"))
 
 
-def diagnostics_table(stats: dict[str, list[ChainStats]], nbeta: float, chains: dict[str, list[int]]) -> pa.Table:
-    """One row per (component, chain): R-hat of the component's run, per-chain ESS, divergence, LLC."""
+def diagnostics_table(stats: dict[str, list[ChainStats]], nbeta: float, chains: dict[str, list[int]],
+                      flags: dict[str, list[dict]] | None = None) -> pa.Table:
+    """One row per (component, chain): R-hat of the component's run, per-chain ESS, divergence, LLC, and the
+    screening ``flags`` (``workflows.screening``: chains it excluded count as not diverged, ``excluded``)."""
     records = []
     for comp in sorted(stats):
         kept = [c for c in stats[comp] if not c.diverged]
         run = convergence(stats[comp]) if len(kept) > 1 and kept[0].count >= MIN_DRAWS else None
         pooled = llc(stats[comp], nbeta) if kept else None
-        for chain, s in zip(chains[comp], stats[comp]):
+        for i, (chain, s) in enumerate(zip(chains[comp], stats[comp])):
+            screened = flags[comp][i] if flags else {}
             records.append({
                 "component": comp, "chain": chain,
                 "rhat": float(run.rhat) if run else float("nan"),
                 "ess": float(ess(s.g_trace[None, :])) if s.count >= MIN_DRAWS else float("nan"),
-                "diverged": bool(s.diverged), "diverged_step": int(s.diverged_step),
+                "diverged": bool(s.diverged and not screened.get("excluded")),
+                "diverged_step": -1 if screened.get("excluded") else int(s.diverged_step),
+                **screened,
                 "llc": nbeta * s.sum_g / s.count, "mean_g": s.sum_g / s.count,
                 "llc_run": float(pooled.value) if pooled else float("nan"),
                 "llc_run_se": float(pooled.se) if pooled else float("nan"),
@@ -191,7 +196,10 @@ def per_token(stats: dict[str, list[ChainStats]], components: list[str]) -> tupl
     Centred on the full run when ``stats`` has one, else on each component's own chains."""
     chi, se = {}, {}
     for comp in components:
-        est = per_token_chi(stats[comp], reference(stats, comp))
+        try:
+            est = per_token_chi(stats[comp], reference(stats, comp))
+        except ValueError as err:
+            raise ValueError(f"component {comp}: {err}") from err
         chi[comp], se[comp] = np.asarray(est.value), np.asarray(est.se)
     return chi, se
 

@@ -126,7 +126,11 @@ def _diagnostics_section(run: RunResults, cfg: AnalysisConfig) -> str:
                    "so the chains of a component are not independent; standard errors, R-hat and ESS are "
                    "optimistic (README, \"Independent chains\").</p>") if shared else ""
     return ("<h2 id='diagnostics'>Sampler diagnostics</h2>" + shared_note + "<p>Flagged (highlighted): diverged, "
-            f"R-hat &gt; {rules.max_rhat} or ESS &lt; {rules.min_ess}. <code>llc</code> is the "
+            "unstable at the curvature pre-flight (<code>stability</code> = ε(nβλ + γ) above the bound), a g trace "
+            "still drifting (<code>drift_z</code>), an LLC far from its sibling chains' (<code>llc_outlier</code>); "
+            "these chains are <code>excluded</code> from every estimate or stop the study, per "
+            f"<code>sampler.divergence_policy</code>. Also flagged: R-hat &gt; {rules.max_rhat} or ESS &lt; "
+            f"{rules.min_ess}. <code>llc</code> is the "
             "weight-refined LLC of a head (the ordinary LLC for <code>full</code>).</p>"
             + html_table(summary_rows, [r["flagged chains"] > 0 for r in summary_rows])
             + f"<details><summary>every (component, chain): {len(flagged)} rows</summary>"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
+import sys
 from pathlib import Path
 
 import torch
@@ -41,3 +43,20 @@ def get_logger(name: str) -> logging.Logger:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] %(message)s")
     return logger
+
+
+def authenticate_local_runtime(token_bytes: int) -> str:
+    """Token authentication for a private local Ray runtime: unless ``RAY_AUTH_MODE`` is set already, set
+    ``RAY_AUTH_MODE=token`` and a fresh random ``RAY_AUTH_TOKEN`` (``token_bytes`` random bytes) that only
+    this process and the runtime it starts inherit. Ray's servers listen on every interface whatever
+    address it is given (measured with Ray 2.60), so the token is what keeps other machines out. Must run
+    before ``ray`` is imported (Ray reads the mode at import). Returns the mode in force, for the log."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return os.environ["RAY_AUTH_MODE"]
+    if "ray" in sys.modules:
+        get_logger("runtime").warning("ray was imported before the local runtime was configured: it runs without "
+                                      "authentication; set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN before starting")
+        return "disabled"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(token_bytes)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    return "token (a fresh random token for this run)"

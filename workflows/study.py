@@ -22,15 +22,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from susc_core.adapters.engine import run_adapter_unit
+from susc_core.adapters.engine import adapter_preflight_curvature, run_adapter_unit
 from susc_core.adapters.load import load_adapter
 from susc_core.model.components import expand_names
-from susc_core.engine.unit import NUMERICS_VERSION, run_unit
+from susc_core.engine.unit import NUMERICS_VERSION, preflight_curvature, run_unit
 from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measured_roles
 from susc_core.engine.memory import peak_memory_mib
-from workflows import outputs
+from workflows import outputs, screening
 from workflows.execute import RunReport, run_units
-from workflows.plan import WorkUnit, plan_units
+from workflows.plan import WorkUnit, plan_units, stable_hash
 from workflows.reduce import collect, to_fields
 from workflows.runtime import get_logger, register_resolvers, resolve_device
 from workflows.study_config import StudyConfig, register
@@ -42,6 +42,14 @@ register()
 register_resolvers()
 
 
+def _bundled_cfg(shared: dict, device: torch.device):
+    """The bundled model's config on ``device`` (a GPU takes whole chains per vocabulary block: speed only)."""
+    model_cfg = shared["model_cfg"]
+    if device.type == "cuda":
+        model_cfg = replace(model_cfg, loss_chunk_tokens=shared["cuda_loss_chunk_tokens"])
+    return model_cfg
+
+
 def unit_task(unit: WorkUnit, shared: dict) -> dict:
     """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields.
 
@@ -51,14 +59,40 @@ def unit_task(unit: WorkUnit, shared: dict) -> dict:
             shared["probe_shards"][unit.shard], shared["seed"])
     device = resolve_device(shared["device"])  # resolved where the unit runs
     if shared["adapter"] is None:
-        model_cfg = shared["model_cfg"]
-        if device.type == "cuda":
-            model_cfg = replace(model_cfg, loss_chunk_tokens=shared["cuda_loss_chunk_tokens"])  # speed only
-        stats = run_unit(model_cfg, shared["w_star"], *args, device=device)
+        stats = run_unit(_bundled_cfg(shared, device), shared["w_star"], *args, device=device)
     else:
         stats = run_adapter_unit(load_adapter(shared["adapter"]), *args, device=device,
                                  memory_budget_mib=shared["memory_budget_mib"])
     return to_fields(stats)
+
+
+def preflight_task(unit: WorkUnit, shared: dict) -> dict:
+    """Ray task body: the curvature pre-flight of the unit's components -> {(name, -1): {"curvature": λ}}."""
+    d = shared["diagnostics"]
+    args = (list(unit.components), shared["train"], d.preflight_contexts, d.preflight_iters, d.preflight_fd_step,
+            shared["seed"])
+    device = resolve_device(shared["device"])
+    if shared["adapter"] is None:
+        curvature = preflight_curvature(_bundled_cfg(shared, device), shared["w_star"], *args, device=device)
+    else:
+        curvature = adapter_preflight_curvature(load_adapter(shared["adapter"]), *args, device=device)
+    return {(name, -1): {"curvature": np.asarray(value)} for name, value in curvature.items()}
+
+
+def _preflight(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store: UnitStore, shared: dict) -> dict:
+    """{component: ε(nβλ + γ)} from the curvature pre-flight (cached like a unit; {} when switched off).
+    Under divergence_policy "fail" an unstable component stops the study here, before any chain runs."""
+    d = cfg.diagnostics
+    if d.preflight_iters == 0:
+        return {}
+    settings = {k: getattr(d, k) for k in ("preflight_iters", "preflight_contexts", "preflight_fd_step")}
+    fingerprint = {k: v for k, v in _fingerprint(cfg, inputs).items() if k not in ("sampler", "probes", "shards")}
+    unit = WorkUnit(tuple(planned), (), 0, stable_hash({"preflight": fingerprint, **settings}))
+    log.info("curvature pre-flight: %d components, %d power iterations on %d contexts", len(planned),
+             d.preflight_iters, d.preflight_contexts)
+    run_units([unit], preflight_task, shared, cfg.cluster, store)
+    curvature = {name: float(fields["curvature"]) for (name, _), fields in store.load(unit.key).items()}
+    return screening.check_preflight(curvature, cfg.sampler, d)
 
 
 def _code_version() -> str:
@@ -107,7 +141,7 @@ def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
         raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
     return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "adapter": inputs.adapter,
             "memory_budget_mib": cfg.model.memory_budget_mib, "cuda_loss_chunk_tokens": cfg.model.cuda_loss_chunk_tokens,
-            "sampler": cfg.sampler, "train": inputs.train,
+            "sampler": cfg.sampler, "diagnostics": cfg.diagnostics, "train": inputs.train,
             "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": cfg.model.device}
 
 
@@ -142,11 +176,18 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
              " + full" if cfg.components.include_full else " (no full run)", cfg.sampler.n_chains,
              cfg.sampler.n_draws, len(inputs.probe), inputs.probe[:, 1:].numel(), cfg.units.probe_shards, len(units),
              device)
-    store = UnitStore(cfg.cache_dir)
-    report: RunReport = run_units(units, unit_task, _shared(cfg, inputs), cfg.cluster, store)
-    stats = collect(units, {u.key: store.load(u.key) for u in units})
+    store = UnitStore(cfg.cache_dir, cfg.cluster.claim_stale_s)
+    shared = _shared(cfg, inputs)
+    stability = _preflight(cfg, inputs, planned, store, shared)
+    report: RunReport = run_units(units, unit_task, shared, cfg.cluster, store)
+    screened = screening.screen(collect(units, {u.key: store.load(u.key) for u in units}), stability, cfg.sampler,
+                                cfg.diagnostics)
+    stats = screened.stats
     chains = {comp: list(range(cfg.sampler.n_chains)) for comp in stats}
-    dataset = _dataset_level_run(cfg, inputs, planned, store, run_dir) if cfg.dataset_level.enabled else None
+    diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains, screened.flags)
+    outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
+    screening.enforce(screened, chains, cfg.sampler.divergence_policy)
+    dataset = _dataset_level_run(cfg, inputs, planned, store, run_dir, stability) if cfg.dataset_level.enabled else None
 
     layers = outputs.layers_of(inputs.n_layers, components)
     texts = token_texts(cfg.data.corpus_dir, inputs.probe_rows, inputs.probe.shape[1])
@@ -167,8 +208,6 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
         matrix = outputs.response_table(probe_names, token_probe, keys["half"], stats, chi, components, layers,
                                          cfg.perturbation.delta_h, dataset)
     outputs.write_parquet(matrix, run_dir / "response_matrix.parquet")
-    diagnostics = outputs.diagnostics_table(stats, cfg.sampler.nbeta, chains)
-    outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
     outputs.write_parquet(outputs.chain_sums_table(stats, chains), run_dir / "chain_sums.parquet")
     _write_head_roles(inputs, cfg, keys, run_dir)
 
@@ -178,6 +217,7 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
         "llc_full": next((r["llc_run"] for r in diagnostics.to_pylist() if r["component"] == outputs.FULL),
                          float("nan")),
         "n_diverged": sum(r["diverged"] for r in diagnostics.to_pylist()),
+        "n_excluded": sum(r["excluded"] for r in diagnostics.to_pylist()),
         "max_rhat": float(np.nanmax(diagnostics["rhat"].to_numpy())),
         "peak_rss_mib_units": report.peak_rss_mib, "peak_cuda_mib_units": report.peak_cuda_mib,
         "peak_rss_mib_driver": peak_memory_mib("cpu"),
@@ -215,7 +255,7 @@ def check_dataset_level(cfg: StudyConfig) -> None:
 
 
 def _dataset_level_run(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store: UnitStore,
-                       run_dir: Path) -> outputs.DatasetRun:
+                       run_dir: Path, stability: dict[str, float]) -> outputs.DatasetRun:
     """The independent dataset-level run: every planned component's chains again, with the seed, draws and
     minibatch size of ``cfg.dataset_level``, observed on each probe's half-b contexts; its units are cached
     like the per-token run's. Writes ``dataset_level_diagnostics.parquet``."""
@@ -236,10 +276,13 @@ def _dataset_level_run(cfg: StudyConfig, inputs: StudyInputs, planned: list[str]
              "probe contexts; %d units", len(planned), sampler.n_chains, sampler.n_draws, sampler.batch_size, dl.seed,
              len(held_out), len(units))
     run_units(units, unit_task, _shared(run_cfg, sub), cfg.cluster, store)
-    stats = collect(units, {u.key: store.load(u.key) for u in units})
+    screened = screening.screen(collect(units, {u.key: store.load(u.key) for u in units}), stability, sampler,
+                                cfg.diagnostics)
+    stats = screened.stats
     chains = {comp: list(range(sampler.n_chains)) for comp in stats}
-    outputs.write_parquet(outputs.diagnostics_table(stats, sampler.nbeta, chains),
+    outputs.write_parquet(outputs.diagnostics_table(stats, sampler.nbeta, chains, screened.flags),
                           run_dir / "dataset_level_diagnostics.parquet")
+    screening.enforce(screened, chains, sampler.divergence_policy)
     names = list(dict.fromkeys(probes))
     token_probe = np.repeat([names.index(probes[i]) for i in held_out], inputs.probe.shape[1] - 1)
     return outputs.DatasetRun(stats, token_probe, f"independent dataset-level run: seed {dl.seed}, {sampler.n_chains} "

@@ -106,6 +106,31 @@ class UnitsSection:
 
 
 @dataclass
+class DiagnosticsSection:
+    """Checks that a chain samples the local posterior (``susc_core.engine.stability``,
+    ``susc_core.stats.diagnostics``). A flagged chain fails the study or is left out of every estimate, per
+    ``sampler.divergence_policy``, and the analysis checks then read "unreliable"."""
+
+    preflight_iters: int = 10  # power iterations of the curvature pre-flight per component (0: no pre-flight)
+    preflight_contexts: int = 4  # training contexts of the pre-flight's minibatch
+    preflight_fd_step: float = 1.0e-3  # finite-difference step of its Hessian-vector products (weight units)
+    max_stability: float = 2.0  # flag a component with ε(nβλ + γ) above this (contraction needs < 4)
+    llc_outlier_rel: float = 2.0  # flag a chain whose LLC is off its siblings' median m by > this × max(|m|, abs)
+    llc_outlier_abs: float = 1.0
+    max_drift_z: float = 10.0  # flag a chain whose mean g (last half vs second quarter) moved this many SEs
+    min_drift_draws: int = 64  # the drift check needs this many draws (shorter traces: heavy-tailed, not checked)
+
+    def __post_init__(self):
+        if self.preflight_iters < 0 or self.preflight_contexts < 1 or not self.preflight_fd_step > 0:
+            raise ValueError("diagnostics.preflight_iters must be >= 0, preflight_contexts >= 1 and preflight_fd_step "
+                             f"> 0; got {self.preflight_iters}, {self.preflight_contexts}, {self.preflight_fd_step}")
+        if not (self.max_stability > 0 and self.llc_outlier_rel > 0 and self.max_drift_z > 0
+                and self.min_drift_draws >= 16):
+            raise ValueError("diagnostics.max_stability, llc_outlier_rel and max_drift_z must be > 0 and "
+                             "min_drift_draws >= 16")
+
+
+@dataclass
 class DatasetLevelSection:
     """An independent dataset-level run (SCIENCE.md §2): the same components (and full run) sampled
     again with chains of their own seed, minibatch size and draw count, observed on each probe's held-out
@@ -144,6 +169,7 @@ class StudyConfig:
     units: UnitsSection = field(default_factory=UnitsSection)
     head_roles: HeadRolesSection = field(default_factory=HeadRolesSection)
     dataset_level: DatasetLevelSection = field(default_factory=DatasetLevelSection)
+    diagnostics: DiagnosticsSection = field(default_factory=DiagnosticsSection)
     seed: int = 0
     run_dir: str = "${hydra:runtime.output_dir}"
     cache_dir: str = "outputs/unit_cache"  # finished units, shared by every run (resume + idempotence)

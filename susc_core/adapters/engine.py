@@ -24,6 +24,7 @@ from susc_core.stats.diagnostics import enforce_divergence_policy
 from susc_core.engine.unit import check_contexts
 from susc_core.engine.memory import MIB, peak_memory_mib
 from susc_core.engine.seeds import chain_streams
+from susc_core.engine.stability import preflight_batch, top_curvature
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
 from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
@@ -128,3 +129,23 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
     enforce_divergence_policy(results, sampler.divergence_policy)
     return results
+
+
+def adapter_preflight_curvature(adapter: ModelAdapter, components: list[str], train_contexts: torch.Tensor,
+                                n_contexts: int, n_iter: int, fd_step: float, seed: int,
+                                device: torch.device | str = "cpu") -> dict[str, float]:
+    """``engine.unit.preflight_curvature`` for an adapter: {name: top Hessian eigenvalue of the mean minibatch
+    loss restricted to the component at w*}, one ``AdapterGroup`` per component."""
+    names = expand_names(adapter.component_names(), components)
+    device = torch.device(device)
+    params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
+    train = train_contexts.to(device, torch.long)
+    check_contexts(adapter, train_contexts=train)
+    tokens, generator = preflight_batch(train, n_contexts, seed)
+    out = {}
+    for name in names:
+        index = flat_indices(adapter.component_mask(name), params)
+        w_star = gather(params, index)[None]
+        out[name] = float(top_curvature(AdapterGroup(adapter, params, index), w_star, tokens, n_iter, fd_step,
+                                        generator)[0])
+    return out

@@ -84,6 +84,7 @@ def analyze(run: RunResults, cfg: AnalysisConfig) -> Analysis:
         validation.aggregation_slope(run.tokens, run.response, kept, run.delta_h, rules),
         validation.sampler_diagnostics(run.diagnostics, rules),
     ]
+    checks = validation.mark_unreliable(checks, run.diagnostics, rules)
     classes = classify_table(run.tokens, cfg.token_classes)
     replication = []
     if cfg.replication.enabled:

@@ -2,7 +2,9 @@
 
 Each check returns a ``Check``: status "pass", "flag" (a threshold of ``ValidationRules`` missed:
 worth a look, never fatal) or "skipped" (an input is absent; the summary says which), a one-line
-summary with the numbers, and detail rows for a table.
+summary with the numbers, and detail rows for a table. When the sampler diagnostics find chains that
+did not sample the local posterior (diverged, unstable at the pre-flight, drifting, an outlying LLC),
+every "pass" becomes "unreliable" (``mark_unreliable``): the numbers it passed on are suspect.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ KEYS = ("probe", "context_id", "position")
 
 class Check(NamedTuple):
     name: str
-    status: str  # "pass" | "flag" | "skipped"
+    status: str  # "pass" | "flag" | "skipped" | "unreliable"
     summary: str
     details: list[dict]  # rows of a detail table (may be empty)
 
@@ -153,25 +155,42 @@ def pc2_separation(pcas: Mapping[str, PCAResult], head_roles: pa.Table | None,
                  f"(pass: ≥ {rules.separation_min_auc} in some PCA)", rows)
 
 
+POSTERIOR_FLAGS = ("diverged", "unstable", "nonstationary", "llc_outlier")  # not sampling the local posterior
+
+
 def diagnostic_flags(diagnostics: pa.Table, rules: ValidationRules) -> dict[str, np.ndarray]:
-    """Per (component, chain) row of diagnostics.parquet: [n_rows] bool arrays "diverged",
-    "rhat" (above max_rhat; NaN, i.e. fewer than two kept chains or 4 draws, is not flagged), "ess" (below
-    min_ess or NaN) and "any"."""
+    """Per (component, chain) row of diagnostics.parquet: [n_rows] bool arrays "diverged", "unstable",
+    "nonstationary", "llc_outlier" (``POSTERIOR_FLAGS``; False where a run predates a column), "rhat" (above
+    max_rhat; NaN, i.e. fewer than two kept chains or 4 draws, is not flagged), "ess" (below min_ess or NaN),
+    "posterior" (any of ``POSTERIOR_FLAGS``) and "any"."""
     rhat = diagnostics.column("rhat").to_numpy(zero_copy_only=False)
     ess = diagnostics.column("ess").to_numpy(zero_copy_only=False)
-    flags = {"diverged": diagnostics.column("diverged").to_numpy(zero_copy_only=False).astype(bool),
-             "rhat": rhat > rules.max_rhat, "ess": ~(ess >= rules.min_ess)}
-    return flags | {"any": flags["diverged"] | flags["rhat"] | flags["ess"]}
+    flags = {name: (diagnostics.column(name).to_numpy(zero_copy_only=False).astype(bool)
+                    if name in diagnostics.column_names else np.zeros(len(rhat), dtype=bool))
+             for name in POSTERIOR_FLAGS}
+    flags |= {"rhat": rhat > rules.max_rhat, "ess": ~(ess >= rules.min_ess)}
+    posterior = np.any([flags[name] for name in POSTERIOR_FLAGS], axis=0)
+    return flags | {"posterior": posterior, "any": posterior | flags["rhat"] | flags["ess"]}
 
 
 def sampler_diagnostics(diagnostics: pa.Table, rules: ValidationRules) -> Check:
-    """Flag every (component, chain) with R-hat above, ESS below the thresholds, or a divergence."""
+    """Flag every (component, chain) with R-hat above, ESS below the thresholds, or a posterior flag."""
     flags = diagnostic_flags(diagnostics, rules)
     bad = flags["any"]
     rows = [r for r, b in zip(diagnostics.to_pylist(), bad) if b]
     summary = (f"{int(bad.sum())} of {len(bad)} (component, chain) flagged: "
-               f"{int(flags['diverged'].sum())} diverged, {int(flags['rhat'].sum())} with R-hat > "
-               f"{rules.max_rhat}, {int(flags['ess'].sum())} with ESS < {rules.min_ess} or undefined; "
-               f"R-hat undefined (fewer than two kept chains or 4 draws) for "
+               + ", ".join(f"{int(flags[name].sum())} {name}" for name in POSTERIOR_FLAGS)
+               + f", {int(flags['rhat'].sum())} with R-hat > {rules.max_rhat}, {int(flags['ess'].sum())} with ESS < "
+               f"{rules.min_ess} or undefined; R-hat undefined (fewer than two kept chains or 4 draws) for "
                f"{int(np.isnan(diagnostics.column('rhat').to_numpy(zero_copy_only=False)).sum())}")
     return Check("sampler diagnostics", "flag" if bad.any() else "pass", summary, rows)
+
+
+def mark_unreliable(checks: Sequence[Check], diagnostics: pa.Table, rules: ValidationRules) -> list[Check]:
+    """Every "pass" becomes "unreliable" when some chain did not sample the local posterior (``POSTERIOR_FLAGS``)."""
+    flags = diagnostic_flags(diagnostics, rules)
+    if not flags["posterior"].any():
+        return list(checks)
+    why = (f"unreliable: {int(flags['posterior'].sum())} (component, chain) did not sample the local posterior "
+           "(see sampler diagnostics); ")
+    return [c._replace(status="unreliable", summary=why + c.summary) if c.status == "pass" else c for c in checks]

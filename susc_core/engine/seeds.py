@@ -5,7 +5,8 @@ stable hash of its name (never its position in a list), so a chain draws the sam
 runs alone, in a group, or in the sequential reference path. Kinds: ``noise`` (SGLD Gaussian noise,
 one stream per component and chain), ``minibatch`` (minibatch order: one stream per chain index, shared
 by that chain index of every component, or one stream for all chains with ``share_minibatches``),
-``observables`` (choice of the fixed observable contexts).
+``observables`` (choice of the fixed observable contexts), ``preflight`` (the start vector of the
+curvature pre-flight's power iteration).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-STREAM_KINDS = ("noise", "minibatch", "observables")
+STREAM_KINDS = ("noise", "minibatch", "observables", "preflight")
 SHARED = ""  # component name of streams shared by every chain of every component (e.g. shared minibatches)
 
 

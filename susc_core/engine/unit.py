@@ -25,6 +25,7 @@ from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
 from susc_core.model.transformer import ModelConfig, Params, param_shapes, per_token_loss
 from susc_core.engine.seeds import chain_streams
+from susc_core.engine.stability import preflight_batch, top_curvature
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
 
@@ -105,3 +106,23 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     enforce_divergence_policy(results, sampler.divergence_policy)
     return results
+
+
+def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list[str], train_contexts: torch.Tensor,
+                        n_contexts: int, n_iter: int, fd_step: float, seed: int,
+                        device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top Hessian eigenvalue of the mean minibatch loss restricted to each component at w* (``stability``),
+    {name: λ} (nats per unit² of weight, before nβ), on ``n_contexts`` training contexts (``preflight_batch``);
+    the batched plan's groups form the gradients (one chain per component)."""
+    names = resolve_components(model_cfg, components)
+    device = torch.device(device)
+    params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
+    train = train_contexts.to(device, torch.long)
+    check_contexts(model_cfg, train_contexts=train)
+    tokens, generator = preflight_batch(train, n_contexts, seed)
+    out = {}
+    for group, members in plan_batched(params, model_cfg, names, [0]):
+        w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
+        values = top_curvature(group, w0, tokens, n_iter, fd_step, generator)
+        out.update(zip((name for name, _ in members), values.tolist()))
+    return out

@@ -32,7 +32,8 @@ class ChainStats(NamedTuple):
     sum_ga: np.ndarray  # [T]
     sum_a2: np.ndarray  # [T]
     g_trace: np.ndarray  # [count]
-    diverged_step: int  # first SGLD step (1-based) at which the chain diverged; -1 if never
+    diverged_step: int  # first SGLD step (1-based) at which the chain diverged; -1 if never; 0: excluded by a
+    # sampler diagnostic (``workflows.screening``)
     loss_star: float  # L_n(w*) on the observable contexts (nats)
     a_star: np.ndarray  # [T] A*_t = l_t(w*) - L_n(w*)
 
@@ -101,7 +102,8 @@ def pool(chains: Sequence[ChainStats]) -> Pooled:
     """Add the sums of the non-diverged chains of one component. Raises if none is left."""
     kept = [c for c in chains if not c.diverged]
     if not kept:
-        raise ValueError(f"all {len(chains)} chains diverged; nothing to estimate (lower step_size or nbeta)")
+        raise ValueError("no chain left to estimate from: every chain diverged or was excluded by a sampler "
+                         "diagnostic (see diagnostics.parquet); lower sampler.step_size or nbeta")
     for c in kept[1:]:
         _check_same_reference(kept[0], c)
     return Pooled(len(kept), sum(c.count for c in kept), sum(c.sum_g for c in kept), sum(c.sum_g2 for c in kept),

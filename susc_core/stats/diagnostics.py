@@ -1,4 +1,5 @@
-"""Chain diagnostics of the g trace: split-R-hat, effective sample size, divergence summary.
+"""Chain diagnostics of the g trace: split-R-hat, effective sample size, divergence summary, and the trace
+checks of a chain that is not sampling the local posterior (drift, an LLC far from its siblings').
 
 Formulas follow Gelman et al. (BDA3 §11.4-11.5) and Stan: split each chain in halves; ESS uses the
 chains' pooled autocorrelation with Geyer's initial monotone positive-pair truncation.
@@ -50,6 +51,56 @@ def ess(traces: np.ndarray) -> float:
     pairs = np.minimum.accumulate(pairs[:positive])
     tau = -1 + 2 * pairs.sum()
     return float(m * n / max(tau, 1.0 / np.log10(m * n)))
+
+
+def _segment_se(x: np.ndarray) -> float:
+    """Standard error of the mean of a trace segment [n] from its linearly detrended residuals (variance times
+    autocorrelation time n / ESS), so that a drift inside the segment does not hide itself in the error."""
+    t = np.arange(len(x))
+    residual = x - np.polyval(np.polyfit(t, x, 1), t)
+    if residual.var() == 0:
+        return 0.0
+    return float(np.sqrt(residual.var(ddof=2) / ess(residual[None, :])))
+
+
+def drift_z(trace: np.ndarray, min_draws: int = 4 * MIN_DRAWS) -> float:
+    """How far a chain's g still moves: |mean over the last half - mean over the second quarter| in standard
+    errors of the two means (``_segment_se``); the first quarter is left to the transient from w*.
+    trace: [draws] (NaN below ``min_draws`` draws, or for a constant trace). On AR(1) noise (φ = 0.7) it stayed
+    below 10 in 3,000 traces each of 64, 100 and 200 draws; shorter traces give heavy-tailed values."""
+    trace = np.asarray(trace, np.float64)
+    n = len(trace)
+    if n < max(min_draws, 4 * MIN_DRAWS) or not np.all(np.isfinite(trace)) or trace.var() == 0:
+        return float("nan")
+    quarter, half = trace[n // 4: n // 2], trace[n // 2:]
+    se = np.hypot(_segment_se(quarter), _segment_se(half))
+    return float(abs(half.mean() - quarter.mean()) / se) if se > 0 else float("inf")
+
+
+def llc_outliers(llcs: np.ndarray, rel: float, floor: float) -> np.ndarray:
+    """[chains] bool: a chain whose LLC differs from the median m of its component's other chains by more than
+    rel · max(|m|, floor) (LLC units). A single chain is never flagged."""
+    llcs = np.asarray(llcs, np.float64)
+    flags = np.zeros(len(llcs), dtype=bool)
+    for i in range(len(llcs) if len(llcs) > 1 else 0):
+        others = np.median(np.delete(llcs, i))
+        flags[i] = not abs(llcs[i] - others) <= rel * max(abs(others), floor)
+    return flags
+
+
+def trace_flags(chains: Sequence[ChainStats], nbeta: float, llc_rel: float, llc_abs: float,
+                max_drift_z: float, min_drift_draws: int) -> list[dict]:
+    """Per chain of one component: {"drift_z", "nonstationary" (drift_z above max_drift_z; NaN, never flagged,
+    below min_drift_draws draws), "llc_outlier" (``llc_outliers`` among the component's chains that did not
+    diverge)}. Diverged chains are not flagged again."""
+    kept = [i for i, c in enumerate(chains) if not c.diverged]
+    outlier = dict(zip(kept, llc_outliers([nbeta * chains[i].sum_g / chains[i].count for i in kept], llc_rel,
+                                          llc_abs)))
+    flags = []
+    for i, c in enumerate(chains):
+        z = drift_z(c.g_trace, min_drift_draws) if i in outlier else float("nan")
+        flags.append({"drift_z": z, "nonstationary": bool(z > max_drift_z), "llc_outlier": bool(outlier.get(i, False))})
+    return flags
 
 
 def divergences(stats: Mapping[tuple[str, int], ChainStats]) -> dict[tuple[str, int], int]:
