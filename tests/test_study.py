@@ -75,6 +75,12 @@ def test_outputs_have_the_right_shapes(inprocess_run):
     assert summary["units_computed"] == summary["units_total"] == 3 * N_CHAINS  # 5 components in groups of 2
     manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
     assert manifest["hashes"]["model"] and len(manifest["units"]) == summary["units_total"]
+    import torch
+
+    assert manifest["packages"]["torch"] == torch.__version__
+    assert manifest["packages"]["ray"] and manifest["packages"]["numpy"] and manifest["device"] == "cpu"
+    assert manifest["code_source"] == "git" and len(manifest["code_version"]) == 40
+    assert isinstance(manifest["dirty"], bool) and manifest["device_name"]
 
 
 def test_ray_equals_inprocess_even_when_a_worker_dies(inprocess_run, tmp_path, tiny_checkpoint, corpus_dir, ray_session):
@@ -230,3 +236,14 @@ def test_unstable_sampler_stops_at_the_preflight_before_any_chain(tmp_path, tiny
     diagnostics = pq.read_table(tmp_path / "dropped" / "diagnostics.parquet").to_pylist()
     unstable = [row for row in diagnostics if row["unstable"]]
     assert unstable and all(row["excluded"] and row["stability"] > 2 for row in unstable)
+
+
+def test_provenance_reads_the_image_commit_without_git(tmp_path, monkeypatch):
+    import workflows.runtime as runtime
+
+    monkeypatch.setattr(runtime, "_git", lambda *args: None)
+    monkeypatch.setenv(runtime.CODE_COMMIT_ENV, "abc123")
+    got = runtime.provenance("cpu")
+    assert (got["code_version"], got["code_source"], got["dirty"]) == ("abc123", "image", None)
+    monkeypatch.delenv(runtime.CODE_COMMIT_ENV)
+    assert runtime.provenance("cpu")["code_version"] == "unknown"

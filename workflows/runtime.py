@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
 import secrets
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,3 +62,49 @@ def authenticate_local_runtime(token_bytes: int) -> str:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(token_bytes)
     os.environ["RAY_AUTH_MODE"] = "token"
     return "token (a fresh random token for this run)"
+
+
+PROVENANCE_PACKAGES = ("torch", "ray", "hydra-core", "omegaconf", "numpy", "pyarrow", "transformers",
+                       "transformer-lens", "safetensors")
+CODE_COMMIT_ENV = "SUSC_CODE_COMMIT"  # set in the cluster image (cluster/Dockerfile), where there is no .git
+
+
+def _git(*args: str) -> str | None:
+    try:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True,
+                              cwd=Path(__file__).resolve().parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def provenance(device: str) -> dict:
+    """What made a run: the code's commit and whether the tree had uncommitted changes (git, else the image's
+    ``SUSC_CODE_COMMIT``), the installed versions of ``PROVENANCE_PACKAGES`` (None when absent), Python, and
+    the device with its name."""
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    versions = {}
+    for name in PROVENANCE_PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    resolved = torch.device(device) if device != "auto" else resolve_device(device)
+    return {"code_version": commit or os.environ.get(CODE_COMMIT_ENV, "unknown"),
+            "code_source": "git" if commit else ("image" if CODE_COMMIT_ENV in os.environ else "unknown"),
+            "dirty": bool(status) if status is not None else None,
+            "python": sys.version.split()[0], "packages": versions, "device": str(resolved),
+            "device_name": torch.cuda.get_device_name(resolved) if resolved.type == "cuda" else _cpu_name()}
+
+
+def _cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux, else the platform's processor string)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"

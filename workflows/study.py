@@ -9,7 +9,6 @@ runtime and a ``sweep_summary.parquet`` gathers one row per job.
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -32,7 +31,7 @@ from workflows import outputs, screening
 from workflows.execute import RunReport, run_units
 from workflows.plan import WorkUnit, plan_units, stable_hash
 from workflows.reduce import collect, to_fields
-from workflows.runtime import get_logger, register_resolvers, resolve_device
+from workflows.runtime import get_logger, provenance, register_resolvers, resolve_device
 from workflows.study_config import StudyConfig, register
 from workflows.study_data import StudyInputs, load_inputs, token_texts
 from workflows.unit_store import UnitStore
@@ -93,14 +92,6 @@ def _preflight(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store:
     run_units([unit], preflight_task, shared, cfg.cluster, store)
     curvature = {name: float(fields["curvature"]) for (name, _), fields in store.load(unit.key).items()}
     return screening.check_preflight(curvature, cfg.sampler, d)
-
-
-def _code_version() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.ndarray | None]:
@@ -222,7 +213,7 @@ def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
         "peak_rss_mib_units": report.peak_rss_mib, "peak_cuda_mib_units": report.peak_cuda_mib,
         "peak_rss_mib_driver": peak_memory_mib("cpu"),
     }
-    manifest = {"config": resolved or asdict(cfg), "code_version": _code_version(), "hashes": inputs.hashes,
+    manifest = {"config": resolved or asdict(cfg), **provenance(device), "hashes": inputs.hashes,
                 "seed": cfg.seed, "units": [asdict(u) for u in units], "where": report.where,
                 "cluster_resources": _cluster_resources(cfg), "timings": summary}
     (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))

@@ -3,7 +3,7 @@
 Each component's chains run as one stack: ``AdapterGroup`` (the ``chains.Group`` protocol) scatters a
 chain's coordinates ``w [dim]`` into the fp32 master weights and evaluates the adapter's per-token loss,
 with ``torch.func.vmap`` over the stacked coordinates of ONLY the component (the rest of the model is
-shared, never copied per chain). The SGLD loop is ``chains.sample_chains``; streams come from
+shared, never copied per chain). The work-unit loop is ``chains.sample_plan``, as for the bundled model; streams come from
 ``seeds`` keyed by (component name, chain), so a chain gives the same ``ChainStats`` alone or in a
 group. ``memory_budget_mib`` sizes the chains per batched pass from a measurement of the bytes one
 more chain keeps for the backward pass (``saved_bytes``), on any device.
@@ -18,12 +18,9 @@ from functools import partial
 import torch
 from torch.func import vmap
 
-from susc_core.stats.accumulator import to_chain_stats
-from susc_core.engine.chains import Rows, chain_rows, pass_rows, reference_values, sample_chains
-from susc_core.stats.diagnostics import enforce_divergence_policy
+from susc_core.engine.chains import PlannedGroup, Rows, chain_rows, pass_rows, reference_values, sample_plan
 from susc_core.engine.unit import check_contexts
 from susc_core.engine.memory import MIB, peak_memory_mib
-from susc_core.engine.seeds import chain_streams
 from susc_core.engine.stability import preflight_batch, top_curvature
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
@@ -108,10 +105,8 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
     check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
     ref = reference_values(partial(adapter.per_token_loss, params), obs, probe, adapter.loss_chunk_tokens)
-    loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
-    results: dict[tuple[str, int], ChainStats] = {}
+    plan = []
     for name in names:
-        members = [(name, c) for c in chains]
         index = flat_indices(adapter.component_mask(name), params)
         group = AdapterGroup(adapter, params, index)
         w_star = gather(params, index)
@@ -121,13 +116,9 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
                                              memory_budget_mib)
             run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
             log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
-        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
-                                sampler.batch_size, device)
-        acc = sample_chains(group, w_star, streams, train, obs, probe, ref, run_sampler,
-                            adapter.loss_chunk_tokens)
-        results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
+        plan.append(PlannedGroup(group, [(name, c) for c in chains], w_star, run_sampler))
+    results = sample_plan(plan, train, obs, probe, ref, seed, adapter.loss_chunk_tokens, sampler.divergence_policy)
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
-    enforce_divergence_policy(results, sampler.divergence_policy)
     return results
 
 

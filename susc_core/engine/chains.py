@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import contextlib
 from functools import partial
-from typing import Callable, NamedTuple, Protocol
+from typing import Callable, Iterable, NamedTuple, Protocol
 
 import torch
 
-from susc_core.stats.accumulator import Accumulator, add_draw, init_accumulator, mark_divergence
+from susc_core.stats.accumulator import Accumulator, add_draw, init_accumulator, mark_divergence, to_chain_stats
+from susc_core.stats.chain_stats import ChainStats
+from susc_core.stats.diagnostics import enforce_divergence_policy
 from susc_core.engine import sgld
-from susc_core.engine.seeds import ChainStreams
+from susc_core.engine.seeds import ChainStreams, chain_streams
 from susc_core.engine.sgld import SamplerConfig
 
 
@@ -135,3 +137,28 @@ def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, tra
             add_draw(acc, draw, g, a)
             draw += 1
     return acc
+
+
+class PlannedGroup(NamedTuple):
+    """One stack of a work unit's plan: its group, members [(component name, chain)], start w_star ([dim] or
+    [K, dim]) and sampler (a plan may size ``chains_per_pass`` per group)."""
+
+    group: Group
+    members: list[tuple[str, int]]
+    w_star: torch.Tensor
+    sampler: SamplerConfig
+
+
+def sample_plan(plan: Iterable[PlannedGroup], train: torch.Tensor, obs: torch.Tensor, probe: torch.Tensor,
+                ref: Reference, seed: int, chunk_tokens: int, policy: str) -> dict[tuple[str, int], ChainStats]:
+    """The work-unit loop every model shares: each planned stack with its streams (``seeds.chain_streams``)
+    through ``sample_chains``; returns {(component, chain): ChainStats} after the divergence ``policy``."""
+    loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
+    results: dict[tuple[str, int], ChainStats] = {}
+    for group, members, w_star, sampler in plan:
+        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+                                sampler.batch_size, w_star.device)
+        acc = sample_chains(group, w_star, streams, train, obs, probe, ref, sampler, chunk_tokens)
+        results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
+    enforce_divergence_policy(results, policy)
+    return results

@@ -17,14 +17,11 @@ from collections import defaultdict
 
 import torch
 
-from susc_core.stats.accumulator import to_chain_stats
-from susc_core.engine.chains import reference_values, sample_chains
+from susc_core.engine.chains import PlannedGroup, reference_values, sample_plan
 from susc_core.model.components import HEAD_RE, component, gather, resolve_components
-from susc_core.stats.diagnostics import enforce_divergence_policy
 from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
 from susc_core.model.transformer import ModelConfig, Params, param_shapes, per_token_loss
-from susc_core.engine.seeds import chain_streams
 from susc_core.engine.stability import preflight_batch, top_curvature
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
@@ -95,17 +92,10 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
     ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens), obs, probe,
                            model_cfg.loss_chunk_tokens)
-    loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
     plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains))
-    results: dict[tuple[str, int], ChainStats] = {}
-    for group, members in plan:
-        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
-                                sampler.batch_size, device)
-        w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
-        acc = sample_chains(group, w0, streams, train, obs, probe, ref, sampler, model_cfg.loss_chunk_tokens)
-        results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
-    enforce_divergence_policy(results, sampler.divergence_policy)
-    return results
+    starts = (torch.stack([gather(params, component(model_cfg, name)) for name, _ in members]) for _, members in plan)
+    return sample_plan((PlannedGroup(group, members, w0, sampler) for (group, members), w0 in zip(plan, starts)),
+                       train, obs, probe, ref, seed, model_cfg.loss_chunk_tokens, sampler.divergence_policy)
 
 
 def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list[str], train_contexts: torch.Tensor,
