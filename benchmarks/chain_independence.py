@@ -51,7 +51,7 @@ def _unit(job: tuple) -> tuple:
     torch.set_num_threads(1)
     start = time.perf_counter()
     stats = run_unit(inputs["model_cfg"], inputs["w_star"], components, [chain], sampler, inputs["train"],
-                     inputs["obs"], inputs["probe"], seed)
+                     inputs["obs"], inputs["probe"], seed, chunk_tokens=inputs["chunk_tokens"])
     return mode, repeat, chain, stats, time.perf_counter() - start
 
 
@@ -110,7 +110,7 @@ def main():
     inputs = load_inputs(cfg)
     components = [c for c in expand_names(inputs.component_names, list(cfg.components.names)) if c != "full"]
     shipped = {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "train": inputs.train, "obs": inputs.obs,
-               "probe": inputs.probe}
+               "probe": inputs.probe, "chunk_tokens": cfg.model.loss_chunk_tokens}
     n_chains = cfg.sampler.n_chains
     jobs = [(mode, r, c, args.first_seed + r, shipped, components + ["full"],
              replace(cfg.sampler, share_minibatches=shared))

@@ -20,7 +20,6 @@ cores ran the engine several times slower than 1 thread in our measurements).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -125,14 +124,14 @@ def group_flops(cfg: ModelConfig, seq: int, layer: int | None, plan: str, shared
 
 
 def unit_flops(cfg: ModelConfig, sampler: SamplerConfig, seq: int, n_obs_tokens: int, head_layers: list[int],
-               plan: str, chains_per_group: int | None = None) -> float:
+               plan: str, chunk_tokens: int, chains_per_group: int | None = None) -> float:
     """Matmul FLOPs of one (component, chain, draw) in ``plan``, averaged over the components: one head per
     entry of ``head_layers`` (its layer) and the full run; ``group_flops`` per token. A layer's heads share one
     ``HeadGroup`` per ``chains_per_group`` chains (a study's ``units.chains_per_unit``; default all
     ``n_chains``): with independent minibatch streams (chain k of every head reads stream k) the layer's cache
     is shared by its heads of one chain index, by all chains of the group when they share one stream."""
     step_tokens = sampler.batch_size * seq
-    call_tokens = (step_tokens, max(1, cfg.loss_chunk_tokens // seq) * seq)
+    call_tokens = (step_tokens, max(1, chunk_tokens // seq) * seq)
     units = [group_flops(cfg, seq, None, plan)]
     chains = chains_per_group or sampler.n_chains
     for l in head_layers:
@@ -154,15 +153,15 @@ def timed_unit(*args, **kwargs):
     return time.perf_counter() - start, out
 
 
-def sequential_seconds(cfg, params, sampler, train, obs, probe, device) -> tuple[float, dict[str, float]]:
+def sequential_seconds(cfg, params, sampler, train, obs, probe, device, chunk_tokens: int) -> tuple[float, dict[str, float]]:
     """Seconds of the sequential reference plan for every head + full (all chains and draws of ``sampler``):
     one head per layer and the full run are timed whole (after a warm-up), each head's time stands for its
     layer's heads. Returns (total seconds, seconds per chain·draw of each timed component)."""
     run_unit(cfg, params, ["L0H0"], [0], SamplerConfig(**{**sampler.__dict__, "n_draws": 1}), train, obs, probe,
-             seed=0, device=device, mode="reference")  # warm-up
+             seed=0, device=device, mode="reference", chunk_tokens=chunk_tokens)  # warm-up
     chains = list(range(sampler.n_chains))
     seconds = {name: timed_unit(cfg, params, [name], chains, sampler, train, obs, probe, seed=0, device=device,
-                                mode="reference")[0]
+                                mode="reference", chunk_tokens=chunk_tokens)[0]
                for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]}
     total = sum(cfg.n_heads * seconds[f"L{l}H0"] for l in range(cfg.n_layers)) + seconds["full"]
     return total, {name: t / (sampler.n_chains * sampler.n_draws) for name, t in seconds.items()}
@@ -195,7 +194,6 @@ def main():
     args.chunk_tokens = args.chunk_tokens or (study_model.cuda_loss_chunk_tokens
                                               if torch.device(args.device).type == "cuda"
                                               else study_model.loss_chunk_tokens)
-    cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.chunk_tokens)
     seq = cfg.n_ctx
     gen = torch.Generator().manual_seed(1)
     train = torch.randint(0, cfg.d_vocab, (256, seq + 1), generator=gen)
@@ -207,7 +205,7 @@ def main():
     if args.memory_child:
         reset_peak_memory(args.device)
         run_unit(cfg, params, ["L*H*", "full"], chains, SamplerConfig(**{**sampler.__dict__, "n_draws": args.memory_child}),
-                 train, obs, probe, seed=0, device=args.device)
+                 train, obs, probe, seed=0, device=args.device, chunk_tokens=args.chunk_tokens)
         print(peak_memory_mib(args.device))
         return
     peak_size = args.peak_size or default_peak_size(args.device)
@@ -217,29 +215,33 @@ def main():
     bf16 = SamplerConfig(**{**sampler.__dict__, "forward_dtype": "bfloat16"})
     for timed in (sampler, bf16):  # warm-up of each precision: kernels, handles and allocator pools stay out
         run_unit(cfg, params, ["L0H*", f"L{cfg.n_layers - 1}H*", "full"], [0],
-                 SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device)
-    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device)
+                 SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device,
+                 chunk_tokens=args.chunk_tokens)
+    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device,
+                              chunk_tokens=args.chunk_tokens)
     shared = SamplerConfig(**{**sampler.__dict__, "share_minibatches": True})
-    t_shared, _ = timed_unit(cfg, params, heads + ["full"], chains, shared, train, obs, probe, seed=0, device=args.device)
-    t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device)
+    t_shared, _ = timed_unit(cfg, params, heads + ["full"], chains, shared, train, obs, probe, seed=0, device=args.device,
+                              chunk_tokens=args.chunk_tokens)
+    t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device, args.chunk_tokens)
     cpu_reference = {}
     if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
         gpu_threads = torch.get_num_threads()
         torch.set_num_threads(args.cpu_sequential_threads)
         args.cpu_chunk_tokens = args.cpu_chunk_tokens or args.chunk_tokens
-        cpu_cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.cpu_chunk_tokens)
-        t_cpu, per_chain_draw_cpu = sequential_seconds(cpu_cfg, params, sampler, train, obs, probe, "cpu")
+        t_cpu, per_chain_draw_cpu = sequential_seconds(cfg, params, sampler, train, obs, probe, "cpu",
+                                                       args.cpu_chunk_tokens)
         torch.set_num_threads(gpu_threads)
         cpu_reference = {"cpu_sequential_threads": args.cpu_sequential_threads,
                          "cpu_chunk_tokens": args.cpu_chunk_tokens,
                          "cpu_sequential_units_per_s": units / t_cpu,
                          "cpu_sequential_s_per_chain_draw": per_chain_draw_cpu,
                          "speedup_vs_cpu_sequential": t_cpu / t_batched}
-    t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device)
+    t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device,
+                              chunk_tokens=args.chunk_tokens)
     n_obs_tokens = (args.obs + args.probe) * seq
     head_layers = [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)]
-    flops = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "reference")
-    executed = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "batched")
+    flops = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "reference", args.chunk_tokens)
+    executed = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "batched", args.chunk_tokens)
     memory = {}
     for draws in args.memory_draws:
         out = subprocess.run([sys.executable, __file__, "--device", args.device, "--obs", str(args.obs), "--probe",

@@ -11,7 +11,6 @@ device (CUDA) or the CPU. Last line: one JSON object with the wall seconds of bo
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -25,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.engine import model  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
 from susc_core.engine.sgld import SamplerConfig  # noqa: E402
+from workflows.study_config import ModelSection  # noqa: E402
 
 
 def main():
@@ -34,12 +34,11 @@ def main():
     ap.add_argument("--chains", type=int, default=4)
     ap.add_argument("--draws", type=int, default=2)
     ap.add_argument("--contexts", type=int, default=8, help="observable and probe contexts (each)")
-    ap.add_argument("--chunk-tokens", type=int, default=None, help="rows of vocabulary logits per block "
-                    "(default: the checkpoint's)")
+    ap.add_argument("--chunk-tokens", type=int, default=ModelSection().loss_chunk_tokens,
+                    help="rows of vocabulary logits per block (default: the study's model.loss_chunk_tokens)")
     ap.add_argument("--rows", type=int, default=25, help="operators shown per table")
     args = ap.parse_args()
     cfg, params, _ = model()
-    cfg = dataclasses.replace(cfg, loss_chunk_tokens=args.chunk_tokens or cfg.loss_chunk_tokens)
     gen = torch.Generator().manual_seed(1)
     train, obs, probe = (torch.randint(0, cfg.d_vocab, (n, cfg.n_ctx + 1), generator=gen)
                          for n in (256, args.contexts, args.contexts))
@@ -52,15 +51,15 @@ def main():
     wall = {}
     for mode in ("batched", "reference"):
         run_unit(cfg, params, args.components, chains, sampler, train, obs, probe, seed=0, device=args.device,
-                 mode=mode)  # warm-up
+                 mode=mode, chunk_tokens=args.chunk_tokens)  # warm-up
         with profile(activities=activities) as prof:
             start = time.perf_counter()
             run_unit(cfg, params, args.components, chains, sampler, train, obs, probe, seed=0, device=args.device,
-                     mode=mode)
+                     mode=mode, chunk_tokens=args.chunk_tokens)
             wall[mode] = time.perf_counter() - start
         print(f"== {mode}: {wall[mode]:.3f} s wall, {args.components} x {args.chains} chains x {args.draws} draws")
         print(prof.key_averages().table(sort_by=key, row_limit=args.rows))
-    print(json.dumps({"device": args.device, "components": args.components, "chunk_tokens": cfg.loss_chunk_tokens,
+    print(json.dumps({"device": args.device, "components": args.components, "chunk_tokens": args.chunk_tokens,
                       "wall_s": wall}))
 
 

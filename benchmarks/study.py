@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import replace
 import sys
 import tempfile
 import time
@@ -63,7 +62,6 @@ def study_flops(cfg) -> float:
     from susc_core.model.components import HEAD_RE, component, resolve_components
 
     model_cfg, _ = load_model(cfg.model.checkpoint)
-    model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # as the study runs it
     seq = cfg.data.seq_len or model_cfg.n_ctx
     names = resolve_components(model_cfg, list(cfg.components.names))
     if not all(HEAD_RE.match(name) for name in names):
@@ -71,7 +69,7 @@ def study_flops(cfg) -> float:
     n_probe = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + n_probe) * seq
     per_unit = unit_flops(model_cfg, cfg.sampler, seq, obs_tokens, [component(model_cfg, n).layer for n in names],
-                          "batched", cfg.units.chains_per_unit)
+                          "batched", cfg.model.loss_chunk_tokens, cfg.units.chains_per_unit)
     return per_unit * (len(names) + 1) * cfg.sampler.n_chains * cfg.sampler.n_draws
 
 

@@ -54,7 +54,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     from susc_core.model.checkpoint import save_model
     from susc_core.model.transformer import ModelConfig, init_params
 
-    cfg = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=4096, loss_chunk_tokens=512)
+    cfg = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=4096)
     params = init_params(cfg, torch.Generator().manual_seed(0))
     params = {k: v * 5 if k.endswith(("W_Q", "W_K", "W_V", "W_O")) else v for k, v in params.items()}
     path = tmp_path_factory.mktemp("model") / "tiny.safetensors"

@@ -199,15 +199,15 @@ def test_memory_budget_chunks_chains_without_changing_results(gpt2):
 
 def test_bundled_adapter_reproduces_engine_run_unit():
     from susc_core.engine.unit import run_unit
-    cfg = M.ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=VOCAB, loss_chunk_tokens=16)
+    cfg = M.ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=VOCAB)
     w_star = M.init_params(cfg, torch.Generator().manual_seed(0))
-    adapter = BundledAdapter(w_star, cfg)
+    adapter = BundledAdapter(w_star, cfg, loss_chunk_tokens=16)
     tokens = _tokens(2, 8)
     torch.testing.assert_close(adapter.per_token_loss(adapter.params(), tokens), M.per_token_loss(w_star, cfg, tokens))
     train, obs, probe = _contexts()
     names = ["L1H*", "full"]
     ours = run_adapter_unit(adapter, names, [0, 1], _sampler(), train, obs, probe, seed=3)
-    engine = run_unit(cfg, w_star, names, [0, 1], _sampler(), train, obs, probe, seed=3)
+    engine = run_unit(cfg, w_star, names, [0, 1], _sampler(), train, obs, probe, seed=3, chunk_tokens=16)
     assert set(ours) == set(engine)
     for key in engine:
         _assert_same_stats(ours[key], engine[key], atol=2e-6)

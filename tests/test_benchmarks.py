@@ -24,7 +24,8 @@ if _SDPA_CPU.default not in flop_registry:
         lambda grad, q, k, v, *args, out_shape=None, **kwargs: sdpa_backward_flop_count(grad, q, k, v))
 
 # vocabulary blocks of one chain's tokens (as on a CPU): the scale Jacobian's row dot is then a counted product
-CFG = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64, loss_chunk_tokens=16)
+CFG = ModelConfig(n_layers=2, n_heads=4, d_head=8, d_model=32, n_ctx=16, d_vocab=64)
+CHUNK = 16
 CFG_MLP = replace(CFG, d_mlp=48)
 STEP_CONTEXTS, OBS_CONTEXTS, CHAINS = 3, 1, 2
 
@@ -67,12 +68,12 @@ def test_flop_counts_equal_what_the_groups_execute(cfg, name, plan):
     comp = component(cfg, name)
     layer = None if name == "full" else comp.layer
     if plan == "reference":
-        group, k = plan_reference(params, cfg, [name], [0])[0][0], 1
+        group, k = plan_reference(params, cfg, [name], [0], CHUNK)[0][0], 1
     elif layer is None:
-        group, k = CachedGroup(params, cfg, comp), CHAINS
+        group, k = CachedGroup(params, cfg, comp, CHUNK), CHAINS
     else:
         k = cfg.n_heads * CHAINS
-        group = HeadGroup(params, cfg, layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
+        group = HeadGroup(params, cfg, layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)], CHUNK)
     passes = pass_rows(torch.zeros(k, dtype=torch.long), (k + 1) // 2)
     expected = group_flops(cfg, cfg.n_ctx, layer, plan, shared_by=k, pass_rows=(passes[0].chains.stop,) * 2,
                            call_tokens=(STEP_CONTEXTS * cfg.n_ctx, OBS_CONTEXTS * cfg.n_ctx))
@@ -87,7 +88,7 @@ def test_flop_counts_with_one_minibatch_stream_per_chain_index(name):
     params = init_params(cfg, torch.Generator().manual_seed(1))
     comp = component(cfg, name)
     k = cfg.n_heads * CHAINS
-    group = HeadGroup(params, cfg, comp.layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)])
+    group = HeadGroup(params, cfg, comp.layer, comp, [h for h in range(cfg.n_heads) for _ in range(CHAINS)], CHUNK)
     passes = pass_rows(torch.arange(k) % CHAINS, (k + 1) // 2)
     expected = group_flops(cfg, cfg.n_ctx, comp.layer, "batched", shared_by=cfg.n_heads, pass_rows=(1, (k + 1) // 2),
                            call_tokens=(STEP_CONTEXTS * cfg.n_ctx, OBS_CONTEXTS * cfg.n_ctx))
@@ -123,6 +124,6 @@ def test_study_flop_count_reads_the_default_study(tmp_path: Path):
     seq, model = 128, ModelConfig()
     probe_contexts = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + probe_contexts) * seq
-    model = replace(model, loss_chunk_tokens=cfg.model.loss_chunk_tokens)
-    per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched", cfg.units.chains_per_unit)
+    per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched", cfg.model.loss_chunk_tokens,
+                          cfg.units.chains_per_unit)
     assert study_flops(cfg) == pytest.approx(per_unit * 17 * cfg.sampler.n_chains * 2)

@@ -57,3 +57,22 @@ def test_training_state_loads_weights_only(tmp_path):
     (tmp_path / "s.pt").write_bytes(b"\x00garbage")
     with pytest.raises(CheckpointError, match="delete it"):
         load_training_state(tmp_path / "s.pt")
+
+
+def test_a_checkpoint_with_a_retired_speed_setting_still_loads(tmp_path):
+    """Checkpoints written before loss_chunk_tokens left ModelConfig (the shipped ones among them) keep it in
+    their stored config; loading ignores it."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from susc_core.model.checkpoint import CONFIG_KEY, load_model, read_metadata, save_model
+    from susc_core.model.transformer import ModelConfig, init_params
+
+    cfg = ModelConfig(n_layers=1, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16)
+    path = tmp_path / "old.safetensors"
+    save_model(path, cfg, init_params(cfg, torch.Generator().manual_seed(0)))
+    meta = read_metadata(path)
+    meta[CONFIG_KEY] = json.dumps({**json.loads(meta[CONFIG_KEY]), "loss_chunk_tokens": 512})
+    save_file(load_file(path), path, metadata=meta)
+    assert load_model(path, expected=cfg)[0] == cfg

@@ -16,6 +16,7 @@ from susc_core.engine.sgld import SamplerConfig
 CFG = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16)
 CFG_MLP = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=8, d_vocab=16, d_mlp=12)
 SAMPLER = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, n_chains=2, n_draws=3, batch_size=4)
+CHUNK = 2048  # token rows of vocabulary logits per block (run_unit's default)
 
 
 def _setup(cfg):
@@ -160,7 +161,7 @@ def test_lowrank_head_logits_equal_the_unembedding_path(device):
     params, comp, w, tokens = _moved_chains("L1H0", 2, 4, device)
     out = []
     for lowrank in (True, False):
-        group = HeadGroup(params, CFG, 1, comp, [0, 1], lowrank)
+        group = HeadGroup(params, CFG, 1, comp, [0, 1], CHUNK, lowrank)
         assert group.lowrank == lowrank
         out.append(_losses_and_gradient(group, w, tokens))
     _assert_same_losses_and_gradient(*out)
@@ -187,7 +188,8 @@ def test_fused_nll_blocks_cover_every_row_once(k, n, chunk):
 def test_vmapped_chains_equal_the_per_chain_loop(name, device):
     """CachedGroup's accelerator form (one vmapped forward, explicit attention pattern) = its CPU loop."""
     params, comp, w, tokens = _moved_chains(name, 3, 3, device)
-    out = [_losses_and_gradient(CachedGroup(params, CFG, comp, vmap_chains), w, tokens) for vmap_chains in (True, False)]
+    out = [_losses_and_gradient(CachedGroup(params, CFG, comp, CHUNK, vmap_chains), w, tokens)
+           for vmap_chains in (True, False)]
     assert out[0][0].shape == (3, 3, 8)
     _assert_same_losses_and_gradient(*out)
 
@@ -198,7 +200,7 @@ def test_reference_group_equals_the_plain_model_under_autograd(name, device):
     the model's own per-token loss and its autograd gradient, chain by chain: what the batched plan is
     tested against is the plain model."""
     params, comp, w, tokens = _moved_chains(name, 2, 3, device)
-    (group, _), = plan_reference(params, CFG, [name], [0])
+    (group, _), = plan_reference(params, CFG, [name], [0], CHUNK)
     ours = [_losses_and_gradient(group, w[i:i + 1], tokens) for i in range(len(w))]
     plain = torch.stack([per_token_loss(scatter(params, comp, w_i), CFG, tokens[0]) for w_i in w])
     grad = torch.autograd.grad(plain.mean(dim=(1, 2)).sum(), w)[0]
@@ -251,11 +253,11 @@ class _Spy:
 
 def test_independent_chains_of_a_component_read_different_minibatches():
     params, (train, obs, probe) = _setup(CFG)
-    spy = _Spy(CachedGroup(params, CFG, component(CFG, "L1")))
+    spy = _Spy(CachedGroup(params, CFG, component(CFG, "L1"), CHUNK))
     streams = chain_streams(0, [("L1", 0), ("L1", 1)], False, len(train), SAMPLER.n_steps, SAMPLER.batch_size, "cpu")
-    ref = reference_values(lambda t: per_token_loss(params, CFG, t), obs, probe, CFG.loss_chunk_tokens)
+    ref = reference_values(lambda t: per_token_loss(params, CFG, t), obs, probe, CHUNK)
     w0 = gather(params, component(CFG, "L1"))
-    sample_chains(spy, w0, streams, train, obs, probe, ref, SAMPLER, CFG.loss_chunk_tokens)
+    sample_chains(spy, w0, streams, train, obs, probe, ref, SAMPLER, CHUNK)
     assert len(spy.seen) == SAMPLER.n_steps and all(seen.shape[0] == 2 for seen in spy.seen)
     for step, seen in enumerate(spy.seen):
         torch.testing.assert_close(seen[0], train[streams.schedule[step, :4]], rtol=0, atol=0)

@@ -10,7 +10,7 @@ from dataclasses import replace
 from susc_core.model.transformer import (ModelConfig, Transformer, final_norm, hook_name, hook_names, init_params,
                                          logits, n_params, param_shapes, per_token_loss)
 
-TINY = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=32, loss_chunk_tokens=5)
+TINY = ModelConfig(n_layers=2, n_heads=2, d_head=4, d_model=8, n_ctx=16, d_vocab=32)
 
 
 def test_paper_config_has_exactly_the_papers_parameter_count():
@@ -73,10 +73,10 @@ def test_attention_is_causal():
 
 @pytest.mark.parametrize("chunk", [1, 5, 7, 1000])
 def test_chunked_loss_equals_torch_cross_entropy(chunk):
-    cfg = ModelConfig(**{**TINY.to_dict(), "loss_chunk_tokens": chunk})
+    cfg = TINY
     params = {k: v.requires_grad_() for k, v in _random_params(cfg).items()}
     tokens = torch.randint(0, cfg.d_vocab, (3, 9))
-    ours = per_token_loss(params, cfg, tokens)
+    ours = per_token_loss(params, cfg, tokens, chunk_tokens=chunk)
     ref = F.cross_entropy(logits(params, cfg, tokens[:, :-1]).transpose(1, 2), tokens[:, 1:], reduction="none")
     assert ours.shape == (3, 8)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)

@@ -41,12 +41,9 @@ register()
 register_resolvers()
 
 
-def _bundled_cfg(shared: dict, device: torch.device):
-    """The bundled model's config on ``device`` (a GPU takes whole chains per vocabulary block: speed only)."""
-    model_cfg = shared["model_cfg"]
-    if device.type == "cuda":
-        model_cfg = replace(model_cfg, loss_chunk_tokens=shared["cuda_loss_chunk_tokens"])
-    return model_cfg
+def _chunk_tokens(shared: dict, device: torch.device) -> int:
+    """Vocabulary rows per block for the bundled model on ``device`` (a GPU takes whole chains: speed only)."""
+    return shared["cuda_loss_chunk_tokens" if device.type == "cuda" else "loss_chunk_tokens"]
 
 
 def unit_task(unit: WorkUnit, shared: dict) -> dict:
@@ -58,7 +55,8 @@ def unit_task(unit: WorkUnit, shared: dict) -> dict:
             shared["probe_shards"][unit.shard], shared["seed"])
     device = resolve_device(shared["device"])  # resolved where the unit runs
     if shared["adapter"] is None:
-        stats = run_unit(_bundled_cfg(shared, device), shared["w_star"], *args, device=device)
+        stats = run_unit(shared["model_cfg"], shared["w_star"], *args, device=device,
+                         chunk_tokens=_chunk_tokens(shared, device))
     else:
         stats = run_adapter_unit(load_adapter(shared["adapter"]), *args, device=device,
                                  memory_budget_mib=shared["memory_budget_mib"])
@@ -72,7 +70,8 @@ def preflight_task(unit: WorkUnit, shared: dict) -> dict:
             shared["seed"])
     device = resolve_device(shared["device"])
     if shared["adapter"] is None:
-        curvature = preflight_curvature(_bundled_cfg(shared, device), shared["w_star"], *args, device=device)
+        curvature = preflight_curvature(shared["model_cfg"], shared["w_star"], *args, device=device,
+                                        chunk_tokens=_chunk_tokens(shared, device))
     else:
         curvature = adapter_preflight_curvature(load_adapter(shared["adapter"]), *args, device=device)
     return {(name, -1): {"curvature": np.asarray(value)} for name, value in curvature.items()}
@@ -104,11 +103,11 @@ def _head_roles(inputs: StudyInputs, cfg: StudyConfig) -> tuple[pa.Table, np.nda
                       hr.census.natural_domains)
     scores, effects, roles = measured_roles(inputs.w_star, mc, inputs.probe[torch.from_numpy(natural)], hr.census,
                                             hr.n_seqs, hr.half_len, np.random.default_rng([cfg.seed, 2]),
-                                            np.random.default_rng([cfg.seed, 4]))
+                                            np.random.default_rng([cfg.seed, 4]), cfg.model.loss_chunk_tokens)
     table = pa.table({"component": labels, "layer": [i // mc.n_heads for i in range(len(labels))],
                       "head": [i % mc.n_heads for i in range(len(labels))], **scores,
                       "ablation_natural": effects["natural"], "ablation_repeat": effects["repeat"], "role": roles})
-    deltas = ablation_loss_deltas(inputs.w_star, mc, inputs.probe) if hr.ablation else None
+    deltas = ablation_loss_deltas(inputs.w_star, mc, inputs.probe, cfg.model.loss_chunk_tokens) if hr.ablation else None
     return table, (deltas.reshape(len(labels), -1).numpy() if deltas is not None else None)
 
 
@@ -131,7 +130,8 @@ def _shared(cfg: StudyConfig, inputs: StudyInputs) -> dict:
     if len(shards) != cfg.units.probe_shards:
         raise ValueError(f"units.probe_shards={cfg.units.probe_shards} exceeds the {len(inputs.probe)} probe contexts")
     return {"model_cfg": inputs.model_cfg, "w_star": inputs.w_star, "adapter": inputs.adapter,
-            "memory_budget_mib": cfg.model.memory_budget_mib, "cuda_loss_chunk_tokens": cfg.model.cuda_loss_chunk_tokens,
+            "memory_budget_mib": cfg.model.memory_budget_mib, "loss_chunk_tokens": cfg.model.loss_chunk_tokens,
+            "cuda_loss_chunk_tokens": cfg.model.cuda_loss_chunk_tokens,
             "sampler": cfg.sampler, "diagnostics": cfg.diagnostics, "train": inputs.train,
             "obs": inputs.obs, "probe_shards": shards, "seed": cfg.seed, "device": cfg.model.device}
 

@@ -96,7 +96,6 @@ def load_inputs(cfg: StudyConfig) -> StudyInputs:
 
 def _bundled_inputs(cfg: StudyConfig) -> StudyInputs:
     model_cfg, w_star = load_model(cfg.model.checkpoint)
-    model_cfg = replace(model_cfg, loss_chunk_tokens=cfg.model.loss_chunk_tokens)  # speed only, not results
     corpus = Path(cfg.data.corpus_dir)
     train_table = load_context_table(corpus / "train.parquet")
     corpus_width = len(train_table.column("tokens")[0])

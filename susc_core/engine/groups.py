@@ -48,8 +48,9 @@ class CachedGroup:
     kernel is faster. Both are exact.
     """
 
-    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, vmap_chains: bool = False):
-        self.params, self.cfg, self.comp = params, cfg, comp
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, chunk_tokens: int,
+                 vmap_chains: bool = False):
+        self.params, self.cfg, self.comp, self.chunk_tokens = params, cfg, comp, chunk_tokens
         self.vmap_chains = vmap_chains
         self.explicit_pattern = M.explicit_pattern_hooks(cfg)
 
@@ -83,10 +84,10 @@ class CachedGroup:
         moving = unflatten(self.comp, w)
         w_u = moving.get("unembed.W_U", self.params["unembed.W_U"][None])  # [1 or k, d_model, V]
         if "unembed.b_U" not in moving:
-            nll = fused_nll(x, w_u, self.params["unembed.b_U"], targets, self.cfg.loss_chunk_tokens, mean=mean)
+            nll = fused_nll(x, w_u, self.params["unembed.b_U"], targets, self.chunk_tokens, mean=mean)
         else:  # a moving bias: one call per chain (fused_nll takes one beta)
             nll = torch.cat([fused_nll(x[i:i + 1], w_u[i:i + 1], moving["unembed.b_U"][i],
-                                       targets[0 if shared else i][None], self.cfg.loss_chunk_tokens, mean=mean)
+                                       targets[0 if shared else i][None], self.chunk_tokens, mean=mean)
                              for i in range(k)])
         return nll if mean else nll.view(k, tokens.shape[1], -1)
 
@@ -121,8 +122,9 @@ class HeadGroup:
     """
 
     def __init__(self, params: M.Params, cfg: M.ModelConfig, layer: int, comp: Component, heads: Sequence[int],
-                 lowrank: bool = True):
+                 chunk_tokens: int, lowrank: bool = True):
         self.params, self.cfg, self.layer, self.comp = params, cfg, layer, comp  # comp: any head of the layer
+        self.chunk_tokens = chunk_tokens  # token rows of vocabulary logits per block (speed only)
         self.heads = torch.tensor(list(heads), device=params["embed.W_E"].device)
         self.lowrank = lowrank and lowrank_applies(cfg, layer)
         p = f"blocks.{layer}.attn"
@@ -163,7 +165,7 @@ class HeadGroup:
         if self.lowrank:
             factors = torch.cat([z, z_star], dim=-1)
             basis = torch.cat([wt[f"{p}.W_O"] @ self.fmap.wc, -self.m_star[heads]], dim=1)
-            nll = fused_nll(factors, basis, self.fmap.beta, targets, self.cfg.loss_chunk_tokens,
+            nll = fused_nll(factors, basis, self.fmap.beta, targets, self.chunk_tokens,
                             scale=inv_sigma(resid, self.cfg.ln_eps), base=c["base"].reshape(g, b * s, d),
                             w_base=self.fmap.wc, mean=mean)
             return nll if mean else nll.view(k, b, s)
@@ -174,7 +176,7 @@ class HeadGroup:
             resid = resid + M.mlp(self.params, self.layer, x)
         x = M.final_norm(self.params, self.cfg, targets.new_zeros(1, s), start_layer=self.layer + 1, resid=resid)
         nll = fused_nll(x.reshape(k, b * s, d), self.params["unembed.W_U"][None], self.params["unembed.b_U"],
-                        targets, self.cfg.loss_chunk_tokens, mean=mean)
+                        targets, self.chunk_tokens, mean=mean)
         return nll if mean else nll.view(k, b, s)
 
 
@@ -185,8 +187,8 @@ class HonestHeadGroup(HeadGroup):
     scattered into its layer's weights (``HonestGroup``) would form the whole layer's weight gradients
     and every head's attention backward, which a per-chain implementation has no need of."""
 
-    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component):
-        super().__init__(params, cfg, comp.layer, comp, [comp.head], lowrank=False)
+    def __init__(self, params: M.Params, cfg: M.ModelConfig, comp: Component, chunk_tokens: int):
+        super().__init__(params, cfg, comp.layer, comp, [comp.head], chunk_tokens, lowrank=False)
 
     def prepare(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens

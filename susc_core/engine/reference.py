@@ -15,10 +15,12 @@ from susc_core.engine.groups import HonestGroup, HonestHeadGroup
 from susc_core.model.transformer import ModelConfig, Params
 
 
-def plan_reference(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
-    """[(group, [(component name, chain)])], one chain per group, in (component, chain) order."""
+def plan_reference(params: Params, cfg: ModelConfig, names: list[str], chains: list[int], chunk_tokens: int):
+    """[(group, [(component name, chain)])], one chain per group, in (component, chain) order; chunk_tokens:
+    token rows of vocabulary logits per block."""
     def group(name: str):
         comp = component(cfg, name)
-        return HonestHeadGroup(params, cfg, comp) if HEAD_RE.match(name) else HonestGroup(params, cfg, comp)
+        return (HonestHeadGroup(params, cfg, comp, chunk_tokens) if HEAD_RE.match(name)
+                else HonestGroup(params, cfg, comp, chunk_tokens))
 
     return [(group(name), [(name, chain)]) for name in names for chain in chains]

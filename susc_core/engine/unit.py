@@ -21,7 +21,7 @@ from susc_core.engine.chains import PlannedGroup, reference_values, sample_plan
 from susc_core.model.components import HEAD_RE, component, gather, resolve_components
 from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
-from susc_core.model.transformer import ModelConfig, Params, param_shapes, per_token_loss
+from susc_core.model.transformer import LOSS_CHUNK_TOKENS, ModelConfig, Params, param_shapes, per_token_loss
 from susc_core.engine.stability import preflight_batch, top_curvature
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
@@ -32,10 +32,11 @@ MODES = ("batched", "reference")
 NUMERICS_VERSION = 3
 
 
-def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int]):
+def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: list[int], chunk_tokens: int):
     """[(group, [(component name, chain)])]: one HeadGroup per layer with selected heads, one CachedGroup
     per other component; members in (component, chain) order. Last-block heads use the low-rank logit
-    change (see ``HeadGroup``); on an accelerator a CachedGroup's chains share one vmapped forward."""
+    change (see ``HeadGroup``); on an accelerator a CachedGroup's chains share one vmapped forward.
+    chunk_tokens: token rows of vocabulary logits per block (speed and memory only)."""
     heads_by_layer: dict[int, list[str]] = defaultdict(list)
     on_accelerator = params["embed.W_E"].device.type != "cpu"
     plan = []
@@ -43,12 +44,12 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
         if HEAD_RE.match(name):
             heads_by_layer[component(cfg, name).layer].append(name)
         else:
-            plan.append((CachedGroup(params, cfg, component(cfg, name), vmap_chains=on_accelerator),
+            plan.append((CachedGroup(params, cfg, component(cfg, name), chunk_tokens, vmap_chains=on_accelerator),
                          [(name, c) for c in chains]))
     for layer, heads in sorted(heads_by_layer.items()):
         members = [(name, c) for name in heads for c in chains]
         comps = [component(cfg, name) for name, _ in members]
-        plan.insert(0, (HeadGroup(params, cfg, layer, comps[0], [comp.head for comp in comps]),
+        plan.insert(0, (HeadGroup(params, cfg, layer, comps[0], [comp.head for comp in comps], chunk_tokens),
                         members))
     return plan
 
@@ -69,7 +70,7 @@ def check_contexts(cfg: ModelConfig, **tensors: torch.Tensor) -> None:
 def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chains: list[int],
              sampler: SamplerConfig, train_contexts: torch.Tensor, obs_contexts: torch.Tensor,
              probe_contexts: torch.Tensor, seed: int, device: torch.device | str = "cpu",
-             mode: str = "batched") -> dict[tuple[str, int], ChainStats]:
+             mode: str = "batched", chunk_tokens: int = LOSS_CHUNK_TOKENS) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     w_star: the checkpoint's parameters (any device; used as fp32 master weights on ``device``).
@@ -77,7 +78,8 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     contexts of L_n and g; probe_contexts [P, L+1]: the probe tokens, T = P * L in row-major order.
     Returns {(component, chain): ChainStats} with n_draws draws each. Diverged chains raise
     (policy "fail") or are returned flagged with a warning (policy "drop"). mode: "batched" or
-    "reference" (the sequential plan, for tests and benchmarks).
+    "reference" (the sequential plan, for tests and benchmarks). chunk_tokens: token rows of vocabulary
+    logits held at once (speed and memory; a study passes ``model.loss_chunk_tokens``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -90,17 +92,17 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
     train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
     check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
-    ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens), obs, probe,
-                           model_cfg.loss_chunk_tokens)
-    plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains))
+    ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens, chunk_tokens=chunk_tokens), obs,
+                           probe, chunk_tokens)
+    plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains), chunk_tokens)
     starts = (torch.stack([gather(params, component(model_cfg, name)) for name, _ in members]) for _, members in plan)
     return sample_plan((PlannedGroup(group, members, w0, sampler) for (group, members), w0 in zip(plan, starts)),
-                       train, obs, probe, ref, seed, model_cfg.loss_chunk_tokens, sampler.divergence_policy)
+                       train, obs, probe, ref, seed, chunk_tokens, sampler.divergence_policy)
 
 
 def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list[str], train_contexts: torch.Tensor,
                         n_contexts: int, n_iter: int, fd_step: float, seed: int,
-                        device: torch.device | str = "cpu") -> dict[str, float]:
+                        device: torch.device | str = "cpu", chunk_tokens: int = LOSS_CHUNK_TOKENS) -> dict[str, float]:
     """Top Hessian eigenvalue of the mean minibatch loss restricted to each component at w* (``stability``),
     {name: λ} (nats per unit² of weight, before nβ), on ``n_contexts`` training contexts (``preflight_batch``);
     the batched plan's groups form the gradients (one chain per component)."""
@@ -111,7 +113,7 @@ def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list
     check_contexts(model_cfg, train_contexts=train)
     tokens, generator = preflight_batch(train, n_contexts, seed)
     out = {}
-    for group, members in plan_batched(params, model_cfg, names, [0]):
+    for group, members in plan_batched(params, model_cfg, names, [0], chunk_tokens):
         w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
         values = top_curvature(group, w0, tokens, n_iter, fd_step, generator)
         out.update(zip((name for name, _ in members), values.tolist()))

@@ -18,6 +18,8 @@ from safetensors.torch import load_file, save_file
 from susc_core.model.transformer import ModelConfig, Params, param_shapes
 
 CONFIG_KEY = "susc.model_config"
+# keys older checkpoints stored in their config that are no longer part of a model's shape (speed settings)
+RETIRED_CONFIG_KEYS = ("loss_chunk_tokens",)
 
 
 class CheckpointError(ValueError):
@@ -61,7 +63,8 @@ def load_model(path: str | Path, expected: ModelConfig | None = None) -> tuple[M
         raise CheckpointError(f"checkpoint {path} has no '{CONFIG_KEY}' metadata: it was not written by "
                               f"susc_core.model.checkpoint.save_model; re-save it with save_model(path, cfg, params)")
     try:
-        cfg = ModelConfig(**json.loads(meta[CONFIG_KEY]))
+        stored = json.loads(meta[CONFIG_KEY])
+        cfg = ModelConfig(**{k: v for k, v in stored.items() if k not in RETIRED_CONFIG_KEYS})
     except (TypeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"checkpoint {path} has an unreadable model config ({err})") from err
     if expected is not None and expected != cfg:

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from susc_core.model.transformer import ModelConfig, Params, final_norm, hook_name, per_token_loss
+from susc_core.model.transformer import LOSS_CHUNK_TOKENS, ModelConfig, Params, final_norm, hook_name, per_token_loss
 from susc_core.data.synthetic import repeated_random
 
 
@@ -94,13 +94,15 @@ def repeat_test_scores(params: Params, cfg: ModelConfig, generator: np.random.Ge
 
 
 @torch.no_grad()
-def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor) -> torch.Tensor:
+def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
+                         chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Per-token zero-ablation loss deltas of every head.
 
     tokens: [batch, seq]. Returns [n_layers * n_heads, batch, seq - 1] (nats): loss with the head's
-    output z zeroed minus the clean loss, heads in :func:`head_labels` order.
+    output z zeroed minus the clean loss, heads in :func:`head_labels` order. chunk_tokens: as in
+    ``per_token_loss``.
     """
-    clean = per_token_loss(params, cfg, tokens)
+    clean = per_token_loss(params, cfg, tokens, chunk_tokens=chunk_tokens)
     deltas = []
     for layer in range(cfg.n_layers):
         for head in range(cfg.n_heads):
@@ -108,13 +110,13 @@ def ablation_loss_deltas(params: Params, cfg: ModelConfig, tokens: torch.Tensor)
                 z = z.clone()
                 z[:, :, head] = 0.0
                 return z
-            ablated = per_token_loss(params, cfg, tokens, {hook_name("z", layer): zero_head})
+            ablated = per_token_loss(params, cfg, tokens, {hook_name("z", layer): zero_head}, chunk_tokens)
             deltas.append(ablated - clean)
     return torch.stack(deltas)
 
 
 def ablation_effects(params: Params, cfg: ModelConfig, natural_tokens: torch.Tensor,
-                     repeated_tokens: torch.Tensor) -> dict[str, np.ndarray]:
+                     repeated_tokens: torch.Tensor, chunk_tokens: int = LOSS_CHUNK_TOKENS) -> dict[str, np.ndarray]:
     """Every head's mean zero-ablation loss increase (nats), the multigram measure's two halves.
 
     natural_tokens: [batch, seq] natural-text contexts (every position); repeated_tokens:
@@ -124,8 +126,10 @@ def ablation_effects(params: Params, cfg: ModelConfig, natural_tokens: torch.Ten
     multigram (n-gram statistics) work; an induction head raises the repeat loss far more.
     """
     half = repeated_tokens.shape[1] // 2
-    return {"natural": ablation_loss_deltas(params, cfg, natural_tokens).mean(dim=(1, 2)).numpy(),
-            "repeat": ablation_loss_deltas(params, cfg, repeated_tokens)[:, :, half:].mean(dim=(1, 2)).numpy()}
+    deltas = {name: ablation_loss_deltas(params, cfg, tokens, chunk_tokens)
+              for name, tokens in (("natural", natural_tokens), ("repeat", repeated_tokens))}
+    return {"natural": deltas["natural"].mean(dim=(1, 2)).numpy(),
+            "repeat": deltas["repeat"][:, :, half:].mean(dim=(1, 2)).numpy()}
 
 
 @dataclass
@@ -163,8 +167,8 @@ def head_census(scores: dict[str, np.ndarray], effects: dict[str, np.ndarray], r
 
 
 def measured_roles(params: Params, cfg: ModelConfig, natural_tokens: torch.Tensor, rules: CensusRules, n_seqs: int,
-                   half_len: int, score_generator: np.random.Generator, repeat_generator: np.random.Generator
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
+                   half_len: int, score_generator: np.random.Generator, repeat_generator: np.random.Generator,
+                   chunk_tokens: int = LOSS_CHUNK_TOKENS) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[str]]:
     """Every head's attention scores (:func:`repeat_test_scores`), ablation effects (the multigram measure,
     :func:`ablation_effects`, on ``natural_tokens`` [batch, seq] and on fresh repeated random sequences) and
     role (:func:`head_census`). With no natural contexts the effects are NaN and roles come from the scores."""
@@ -172,6 +176,6 @@ def measured_roles(params: Params, cfg: ModelConfig, natural_tokens: torch.Tenso
     half = min(half_len, cfg.n_ctx // 2)
     repeated = torch.from_numpy(repeated_random(repeat_generator, n_seqs, half, 1, cfg.d_vocab))
     n_heads = cfg.n_layers * cfg.n_heads
-    effects = (ablation_effects(params, cfg, natural_tokens, repeated) if len(natural_tokens)
+    effects = (ablation_effects(params, cfg, natural_tokens, repeated, chunk_tokens) if len(natural_tokens)
                else {"natural": np.full(n_heads, np.nan), "repeat": np.full(n_heads, np.nan)})
     return scores, effects, head_census(scores, effects, rules)

@@ -27,6 +27,9 @@ from susc_core.model.chunked_nll import chunked_nll
 
 Params = dict[str, torch.Tensor]
 Hooks = Mapping[str, Callable[[torch.Tensor], torch.Tensor]]
+# token rows of vocabulary logits held at once when a caller names none: bounds memory, never changes a loss
+# (a speed setting, so not part of ModelConfig: a study passes its model.loss_chunk_tokens)
+LOSS_CHUNK_TOKENS = 2048
 
 
 @dataclass
@@ -46,7 +49,6 @@ class ModelConfig:
     init_std: float = 0.02  # std of the normal init of every weight matrix except the token embedding
     embed_init_std: float = 1.0  # std of W_E's init (torch's nn.Embedding default); with 0.02 no induction
     # head formed in the curriculum of docs/TRAINING.md (measured: README, "The bundled model and data")
-    loss_chunk_tokens: int = 2048  # tokens per chunk of the vocab log-softmax (bounds its memory)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -245,14 +247,15 @@ def logits(params: Params, cfg: ModelConfig, tokens: torch.Tensor, hooks: Hooks 
     return final_norm(params, cfg, tokens, hooks) @ params["unembed.W_U"] + params["unembed.b_U"]
 
 
-def per_token_loss(params: Params, cfg: ModelConfig, tokens: torch.Tensor,
-                   hooks: Hooks | None = None) -> torch.Tensor:
+def per_token_loss(params: Params, cfg: ModelConfig, tokens: torch.Tensor, hooks: Hooks | None = None,
+                   chunk_tokens: int = LOSS_CHUNK_TOKENS) -> torch.Tensor:
     """Per-token loss l_xy = -log p(y|x, w) in nats.
 
-    tokens: [batch, seq] ids; position t predicts tokens[:, t+1]. Returns [batch, seq - 1].
+    tokens: [batch, seq] ids; position t predicts tokens[:, t+1]. Returns [batch, seq - 1]. chunk_tokens:
+    token rows of vocabulary logits held at once (memory and speed only).
     """
     x = final_norm(params, cfg, tokens[:, :-1], hooks)
-    return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], cfg.loss_chunk_tokens)
+    return chunked_nll(x, params["unembed.W_U"].T, params["unembed.b_U"], tokens[:, 1:], chunk_tokens)
 
 
 class Transformer(torch.nn.Module):
