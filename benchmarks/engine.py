@@ -153,7 +153,8 @@ def timed_unit(*args, **kwargs):
     return time.perf_counter() - start, out
 
 
-def sequential_seconds(cfg, params, sampler, train, obs, probe, device, chunk_tokens: int) -> tuple[float, dict[str, float]]:
+def sequential_seconds(cfg, params, sampler, train, obs, probe, device,
+                       chunk_tokens: int) -> tuple[float, dict[str, float]]:
     """Seconds of the sequential reference plan for every head + full (all chains and draws of ``sampler``):
     one head per layer and the full run are timed whole (after a warm-up), each head's time stands for its
     layer's heads. Returns (total seconds, seconds per chain·draw of each timed component)."""
@@ -217,11 +218,12 @@ def main():
         run_unit(cfg, params, ["L0H*", f"L{cfg.n_layers - 1}H*", "full"], [0],
                  SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device,
                  chunk_tokens=args.chunk_tokens)
-    t_batched, _ = timed_unit(cfg, params, heads + ["full"], chains, sampler, train, obs, probe, seed=0, device=args.device,
+    everything = heads + ["full"]
+    t_batched, _ = timed_unit(cfg, params, everything, chains, sampler, train, obs, probe, seed=0, device=args.device,
                               chunk_tokens=args.chunk_tokens)
     shared = SamplerConfig(**{**sampler.__dict__, "share_minibatches": True})
-    t_shared, _ = timed_unit(cfg, params, heads + ["full"], chains, shared, train, obs, probe, seed=0, device=args.device,
-                              chunk_tokens=args.chunk_tokens)
+    t_shared, _ = timed_unit(cfg, params, everything, chains, shared, train, obs, probe, seed=0, device=args.device,
+                             chunk_tokens=args.chunk_tokens)
     t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device, args.chunk_tokens)
     cpu_reference = {}
     if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
@@ -236,8 +238,8 @@ def main():
                          "cpu_sequential_units_per_s": units / t_cpu,
                          "cpu_sequential_s_per_chain_draw": per_chain_draw_cpu,
                          "speedup_vs_cpu_sequential": t_cpu / t_batched}
-    t_bf16, _ = timed_unit(cfg, params, heads + ["full"], chains, bf16, train, obs, probe, seed=0, device=args.device,
-                              chunk_tokens=args.chunk_tokens)
+    t_bf16, _ = timed_unit(cfg, params, everything, chains, bf16, train, obs, probe, seed=0, device=args.device,
+                           chunk_tokens=args.chunk_tokens)
     n_obs_tokens = (args.obs + args.probe) * seq
     head_layers = [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)]
     flops = unit_flops(cfg, sampler, seq, n_obs_tokens, head_layers, "reference", args.chunk_tokens)

@@ -4,7 +4,6 @@ and the curvature pre-flight of a real study (the audit's step_size=10, gamma=0 
 from __future__ import annotations
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 
 from susc_core.stats.chain_stats import from_draws

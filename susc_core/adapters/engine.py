@@ -3,9 +3,9 @@
 Each component's chains run as one stack: ``AdapterGroup`` (the ``chains.Group`` protocol) scatters a
 chain's coordinates ``w [dim]`` into the fp32 master weights and evaluates the adapter's per-token loss,
 with ``torch.func.vmap`` over the stacked coordinates of ONLY the component (the rest of the model is
-shared, never copied per chain). The work-unit loop is ``chains.sample_plan``, as for the bundled model; streams come from
-``seeds`` keyed by (component name, chain), so a chain gives the same ``ChainStats`` alone or in a
-group. ``memory_budget_mib`` sizes the chains per batched pass from a measurement of the bytes one
+shared, never copied per chain). The work-unit loop is ``chains.sample_plan``, as for the bundled model;
+streams come from ``seeds`` keyed by (component name, chain), so a chain gives the same ``ChainStats``
+alone or in a group. ``memory_budget_mib`` sizes the chains per batched pass from a measurement of the bytes one
 more chain keeps for the backward pass (``saved_bytes``), on any device.
 """
 

@@ -91,7 +91,8 @@ def _observe(group: Group, w: torch.Tensor, caches: list, passes: list[Rows]) ->
                      dim=1)
 
 
-def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor, cache) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor,
+                   cache) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``grad_fn`` of ``sgld.step``: each chain's mean minibatch loss [K] (nats, fp32) and its gradient
     [K, dim] at w [K, dim], pass by pass."""
     grads, losses = [], []
@@ -106,7 +107,8 @@ def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor, 
 
 def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, train: torch.Tensor, obs: torch.Tensor,
                   probe: torch.Tensor, ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
-    """Run K = len(streams.noise) chains from w_star ([dim], or [K, dim]: one start per chain); returns their on-device statistics.
+    """Run K = len(streams.noise) chains from w_star ([dim], or [K, dim]: one start per chain); returns their
+    on-device statistics.
 
     streams: the chains' noise generators and minibatch schedule (indices into train [N, S+1]);
     obs [M, S+1], probe [P, S+1]: fixed observable and probe contexts.
