@@ -127,3 +127,19 @@ def test_study_flop_count_reads_the_default_study(tmp_path: Path):
     per_unit = unit_flops(model, cfg.sampler, seq, obs_tokens, [0] * 8 + [1] * 8, "batched", cfg.model.loss_chunk_tokens,
                           cfg.units.chains_per_unit)
     assert study_flops(cfg) == pytest.approx(per_unit * 17 * cfg.sampler.n_chains * 2)
+
+
+@pytest.mark.parametrize("name", ["L0H1", "L1H3", "full"])
+def test_devinterp_restriction_masks_the_components_coordinates(name):
+    """The weight restriction handed to devinterp moves exactly the coordinates our engine moves."""
+    from benchmarks.vs_devinterp import DevinterpModel, head_masks
+    from susc_core.model.components import scatter
+
+    params = init_params(CFG, torch.Generator().manual_seed(2))
+    masks = head_masks(CFG, DevinterpModel(CFG, params), name)
+    comp = component(CFG, name)
+    assert sum(int(m.sum()) for m in masks.values()) == comp.dim
+    moved = scatter(params, comp, gather(params, comp) + 1.0)  # every coordinate of the component, +1
+    for key, value in params.items():
+        changed = moved[key] != value
+        assert torch.equal(changed, masks.get(key, torch.zeros_like(changed)))
