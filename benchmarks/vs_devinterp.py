@@ -25,7 +25,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.engine import matmul_peak, model  # noqa: E402
+from benchmarks.engine import matmul_peak, model, unit_flops  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
 from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 from susc_core.model.components import component  # noqa: E402
@@ -102,11 +102,15 @@ def main():
     theirs = run_devinterp(cfg, params, train, obs, probe, sampler, names)
     work = (len(names) + 1) * sampler.n_chains * sampler.n_draws
     peak, peak_bf16 = matmul_peak("cpu"), matmul_peak("cpu", dtype=torch.bfloat16)
+    executed = unit_flops(cfg, sampler, cfg.n_ctx, (OBS_CONTEXTS + PROBE_CONTEXTS) * cfg.n_ctx,
+                          [component(cfg, n).layer for n in names], "batched", chunk)
     print(json.dumps({"model": source, "threads": args.threads, "draws": args.draws,
                       "per_token_loss_max_abs_diff_at_w_star": gap,
                       "ours_units_per_s": work / ours, "devinterp_units_per_s": work / theirs,
                       "speedup_vs_devinterp": theirs / ours,
-                      "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16}))
+                      "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
+                      "ours_executed_flops_per_unit": executed,
+                      "ours_fraction_of_fp32_peak": executed * work / ours / peak}))
 
 
 if __name__ == "__main__":
