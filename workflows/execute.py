@@ -143,14 +143,15 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
 
     def claim(candidates: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
         mine, others = [], []
-        for unit in candidates:
-            if not store.has(unit.key) and store.claim(unit.key):
-                if not store.has(unit.key):  # not finished by another study between the two looks
+        for unit in candidates:  # not in the store when last looked at
+            if store.claim(unit.key):
+                if not store.has(unit.key):  # not finished by another study before the claim
                     claimed.add(unit.key)
                     mine.append(unit)
                     continue
                 store.release(unit.key)
-            if store.has(unit.key):
+                bar.update(1)
+            elif store.has(unit.key):  # finished by the study that held it
                 bar.update(1)
             else:
                 others.append(unit)

@@ -63,9 +63,12 @@ def _centred_estimate(comp: Sequence[ChainStats], full: Sequence[ChainStats], pr
     quadrature (the two runs' chains are independent)."""
     comp, full = _kept(comp), _kept(full)
     pc, pf = pool(comp), pool(full)
-    m_g, m_fa = pc.sum_g / pc.count, project(pf.sum_a) / pf.count
-    value = -(project(pc.sum_ga) / pc.count - m_g * m_fa)
-    psi = [-(project(c.sum_ga) / c.count - (c.sum_g / c.count) * m_fa) for c in comp]
+    m_g, full_sum_a = pc.sum_g / pc.count, project(pf.sum_a)
+
+    def chi(s) -> np.ndarray | float:  # centred on the pooled centring run
+        return chi_from_sums(project(s.sum_ga), s.sum_g, s.count, full_sum_a, pf.count)
+
+    value, psi = chi(pc), [chi(c) for c in comp]
     if {id(c) for c in comp} == {id(c) for c in full}:
         return Estimate(value, _se([p + m_g * project(c.sum_a) / c.count for p, c in zip(psi, comp)]))
     centring = [m_g * project(c.sum_a) / c.count for c in full]
