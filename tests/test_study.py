@@ -16,6 +16,7 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+import workflows.pipeline as pipeline
 import workflows.study as study
 
 N_CHAINS, N_PROBES, CTX_PER_PROBE, SEQ = 2, 3, 2, 8
@@ -97,7 +98,7 @@ def test_ray_equals_inprocess_even_when_a_worker_dies(inprocess_run, tmp_path, t
 def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, tiny_checkpoint, corpus_dir, monkeypatch):
     cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="first")
     calls = {"n": 0}
-    real_task = study.unit_task
+    real_task = pipeline.unit_task
 
     def interrupted(unit, shared):
         calls["n"] += 1
@@ -105,11 +106,11 @@ def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, t
             raise KeyboardInterrupt
         return real_task(unit, shared)
 
-    monkeypatch.setattr(study, "unit_task", interrupted)
+    monkeypatch.setattr(pipeline, "unit_task", interrupted)
     with pytest.raises(KeyboardInterrupt):
         study.run(cfg)
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 3  # the two finished units and the pre-flight kept
-    monkeypatch.setattr(study, "unit_task", real_task)
+    monkeypatch.setattr(pipeline, "unit_task", real_task)
     cfg = compose_study(tmp_path, tiny_checkpoint, corpus_dir, "cluster=inprocess", name="second")
     summary = study.run(cfg)
     assert (summary["units_cached"], summary["units_computed"]) == (2, summary["units_total"] - 2)

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import torch
 
 from susc_core.data import retokenize
+from susc_core.adapters.base import ModelAdapter
 from susc_core.adapters.load import AdapterSpec, load_adapter, load_tokenizer, package_file
 from susc_core.model.checkpoint import file_sha256, load_model, path_sha256
 from susc_core.model.components import valid_component_names
@@ -40,9 +41,12 @@ class StudyInputs:
     hashes: dict[str, str]  # model, corpus manifest (adapters: also the re-tokenised contexts)
     component_names: list[str]  # every concrete component name of the model, canonical order
     n_layers: int
+    texts: list[list[str]]  # [P][L+1] the text of every probe token (what the token viewer shows)
+    model_label: str  # what the logs call the model: "bundled", "hf", "tl", an adapter's class name
     model_cfg: ModelConfig | None = None  # bundled model only
     w_star: Params | None = None  # bundled model only
-    adapter: AdapterSpec | None = None  # adapter models: what a worker loads (``load_adapter``)
+    # adapter models: what a worker loads (``load_adapter``), or the adapter itself when built in memory
+    adapter: AdapterSpec | ModelAdapter | None = None
 
 
 def _tokens(table: pa.Table, width: int) -> torch.Tensor:
@@ -113,11 +117,12 @@ def _bundled_inputs(cfg: StudyConfig) -> StudyInputs:
         table = table.take(pa.array(picked))
         pieces.append(_tokens(table, width))
         rows.append(_probe_rows(table, probe))
+    probe_rows = pa.concat_tables(rows)
     return StudyInputs(
-        train=train_all[pool], obs=train_all[obs], probe=torch.cat(pieces), probe_rows=pa.concat_tables(rows),
+        train=train_all[pool], obs=train_all[obs], probe=torch.cat(pieces), probe_rows=probe_rows,
         hashes={"model": file_sha256(cfg.model.checkpoint), "corpus_manifest": _corpus_hash(corpus)},
         component_names=valid_component_names(model_cfg), n_layers=model_cfg.n_layers,
-        model_cfg=model_cfg, w_star=w_star)
+        texts=token_texts(corpus, probe_rows, width), model_label="bundled", model_cfg=model_cfg, w_star=w_star)
 
 
 def adapter_spec(model: ModelSection) -> AdapterSpec:
@@ -167,10 +172,12 @@ def _adapter_inputs(cfg: StudyConfig) -> StudyInputs:
         parts.append(part)
     probe = torch.from_numpy(concat_contexts(parts).tokens.astype(np.int64))
     digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (base, probe))).hexdigest()
+    probe_rows = pa.concat_tables(rows)
     return StudyInputs(
-        train=base[pool], obs=base[obs], probe=probe, probe_rows=pa.concat_tables(rows),
+        train=base[pool], obs=base[obs], probe=probe, probe_rows=probe_rows,
         hashes={"model": path_sha256(_model_file(spec)), "corpus_manifest": _corpus_hash(corpus), "contexts": digest},
-        component_names=adapter.component_names(), n_layers=adapter.n_layers, adapter=spec)
+        component_names=adapter.component_names(), n_layers=adapter.n_layers,
+        texts=token_texts(corpus, probe_rows, probe.shape[1]), model_label=spec.kind, adapter=spec)
 
 
 def token_texts(corpus_dir: str | Path, probe_rows: pa.Table, width: int) -> list[list[str]]:

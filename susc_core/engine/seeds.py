@@ -6,7 +6,8 @@ runs alone, in a group, or in the sequential reference path. Kinds: ``noise`` (S
 one stream per component and chain), ``minibatch`` (minibatch order: one stream per chain index, shared
 by that chain index of every component, or one stream for all chains with ``share_minibatches``),
 ``observables`` (choice of the fixed observable contexts), ``preflight`` (the start vector of the
-curvature pre-flight's power iteration).
+curvature pre-flight's power iteration), ``study`` (study-level choices named by a label: the head-role
+probe sequences, the token rows of the ``tokens`` family).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-STREAM_KINDS = ("noise", "minibatch", "observables", "preflight")
+STREAM_KINDS = ("noise", "minibatch", "observables", "preflight", "study")
 SHARED = ""  # component name of streams shared by every chain of every component (e.g. shared minibatches)
 
 
@@ -40,6 +41,11 @@ def torch_generator(seq: np.random.SeedSequence, device: torch.device | str) -> 
     gen = torch.Generator(device=device)
     gen.manual_seed(int(seq.generate_state(1, np.uint64)[0] >> np.uint64(1)))
     return gen
+
+
+def study_generator(seed: int, label: str) -> np.random.Generator:
+    """The numpy Generator of one study-level choice named ``label`` (stream (seed, "study", label))."""
+    return np.random.default_rng(stream_seed(seed, "study", label))
 
 
 def minibatch_schedule(seq: np.random.SeedSequence, n_contexts: int, n_steps: int, batch_size: int) -> np.ndarray:
