@@ -59,12 +59,12 @@ def study_flops(cfg) -> float:
     chain × draw unit of work (``benchmarks.engine.unit_flops``, grouped as the study's units group the
     chains; burn-in steps, none by default, are not counted)."""
     from susc_core.model.checkpoint import load_model
-    from susc_core.model.components import HEAD_RE, component, resolve_components
+    from susc_core.model.components import component, is_head, resolve_components
 
     model_cfg, _ = load_model(cfg.model.checkpoint)
     seq = cfg.data.seq_len or model_cfg.n_ctx
     names = resolve_components(model_cfg, list(cfg.components.names))
-    if not all(HEAD_RE.match(name) for name in names):
+    if not all(is_head(name) for name in names):
         raise ValueError(f"the FLOP count models heads + full; the study's components are {names}")
     n_probe = cfg.perturbation.contexts_per_probe * len(cfg.perturbation.probes)
     obs_tokens = (cfg.data.observable_contexts + n_probe) * seq

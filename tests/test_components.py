@@ -50,3 +50,21 @@ def test_head_slices_are_the_head():
     diff = moved["blocks.1.attn.W_Q"] - params["blocks.1.attn.W_Q"]
     assert torch.allclose(diff[1], torch.ones_like(diff[1])) and torch.all(diff[0] == 0.0)
     assert torch.equal(moved["blocks.1.attn.b_O"], params["blocks.1.attn.b_O"])
+
+
+def test_one_grammar_parses_every_name_and_refuses_the_rest():
+    from susc_core.model.components import ComponentName, component_layer, is_head, parse_name
+
+    assert parse_name("L12H3") == ComponentName("head", 12, 3)
+    assert parse_name("L2") == ComponentName("block", 2)
+    assert parse_name("L0.mlp") == ComponentName("mlp", 0)
+    assert parse_name("unembed") == ComponentName("unembed") and parse_name("full") == ComponentName("full")
+    for bad in ("L1H", "l1h2", "L1.attn", "LH1", "L1H2.mlp", "mlp", "L1H*"):
+        with pytest.raises(ValueError, match="is not a component name"):
+            parse_name(bad)
+    assert [is_head(n) for n in ("L1H2", "L1", "L1H*", "embed")] == [True, False, False, False]
+    # every valid name of a model parses, and its layer is the one its parameters live in
+    for name in valid_component_names(CFG)[:-1]:  # all but "full", which spans every block
+        layer = component_layer(name, CFG.n_layers)
+        blocks = {p.split(".")[1] for p, _ in component(CFG, name).slices if p.startswith("blocks.")}
+        assert blocks <= {str(layer)}, name

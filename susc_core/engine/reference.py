@@ -10,7 +10,7 @@ under the same seeds.
 
 from __future__ import annotations
 
-from susc_core.model.components import HEAD_RE, component
+from susc_core.model.components import component, is_head
 from susc_core.engine.groups import HonestGroup, HonestHeadGroup
 from susc_core.model.transformer import ModelConfig, Params
 
@@ -20,7 +20,7 @@ def plan_reference(params: Params, cfg: ModelConfig, names: list[str], chains: l
     token rows of vocabulary logits per block."""
     def group(name: str):
         comp = component(cfg, name)
-        return (HonestHeadGroup(params, cfg, comp, chunk_tokens) if HEAD_RE.match(name)
+        return (HonestHeadGroup(params, cfg, comp, chunk_tokens) if is_head(name)
                 else HonestGroup(params, cfg, comp, chunk_tokens))
 
     return [(group(name), [(name, chain)]) for name in names for chain in chains]

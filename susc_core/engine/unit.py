@@ -18,7 +18,7 @@ from collections import defaultdict
 import torch
 
 from susc_core.engine.chains import PlannedGroup, reference_values, sample_plan
-from susc_core.model.components import HEAD_RE, component, gather, resolve_components
+from susc_core.model.components import component, gather, is_head, resolve_components
 from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
 from susc_core.model.transformer import LOSS_CHUNK_TOKENS, ModelConfig, Params, param_shapes, per_token_loss
@@ -41,7 +41,7 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
     on_accelerator = params["embed.W_E"].device.type != "cpu"
     plan = []
     for name in names:
-        if HEAD_RE.match(name):
+        if is_head(name):
             heads_by_layer[component(cfg, name).layer].append(name)
         else:
             plan.append((CachedGroup(params, cfg, component(cfg, name), chunk_tokens, vmap_chains=on_accelerator),

@@ -9,7 +9,8 @@ Names (``valid_component_names`` lists them for a config):
 - ``pos_embed``: the shortformer positional embedding W_pos, its own component because it never
   enters the residual stream (it is added to every layer's query/key input);
 - ``ln_final``: the final LayerNorm; ``unembed``: W_U and b_U; ``full``: every parameter.
-Globs (``fnmatch``: ``L1H*``, ``L*H0``) expand in the order of ``valid_component_names``.
+Globs (``fnmatch``: ``L1H*``, ``L*H0``) expand in the order of ``valid_component_names``. The grammar is
+``parse_name`` (every model family shares it: the adapters name their components the same way).
 
 A component's coordinates, flattened in ``slices`` order, form one vector ``[dim]`` (``gather``);
 ``scatter`` writes such a vector back into a copy of the parameters, differentiably.
@@ -21,13 +22,52 @@ import fnmatch
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from susc_core.model.transformer import ModelConfig, Params, param_shapes
 
 HEAD_PARAMS = ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V")
-HEAD_RE = re.compile(r"^L(\d+)H(\d+)$")
+WHOLE_MODEL_PARTS = ("embed", "pos_embed", "ln_final", "unembed")  # names of whole tensors outside the blocks
+FULL = "full"
+_LAYER_RE = re.compile(r"^L(?P<layer>\d+)(?:H(?P<head>\d+)|(?P<mlp>\.mlp))?$")
+
+
+class ComponentName(NamedTuple):
+    """A parsed component name: ``kind`` "head" (L{l}H{h}), "block" (L{l}), "mlp" (L{l}.mlp), one of
+    ``WHOLE_MODEL_PARTS`` or "full"; ``layer`` and ``head`` where the kind has them."""
+
+    kind: str
+    layer: int | None = None
+    head: int | None = None
+
+
+def parse_name(name: str) -> ComponentName:
+    """The one grammar of component names (concrete names, not globs); raises ValueError for others."""
+    if name in WHOLE_MODEL_PARTS or name == FULL:
+        return ComponentName(name)
+    if (m := _LAYER_RE.match(name)) is None:
+        raise ValueError(f"{name!r} is not a component name: L{{l}}H{{h}}, L{{l}}, L{{l}}.mlp, "
+                         f"{', '.join(WHOLE_MODEL_PARTS)} or {FULL}")
+    layer = int(m["layer"])
+    if m["head"] is not None:
+        return ComponentName("head", layer, int(m["head"]))
+    return ComponentName("mlp" if m["mlp"] else "block", layer)
+
+
+def is_head(name: str) -> bool:
+    """Whether ``name`` names one attention head (``L{l}H{h}``); False for globs and other names."""
+    return _LAYER_RE.match(name) is not None and parse_name(name).kind == "head"
+
+
+def layer_names(n_layers: int, n_heads: int, has_mlp: bool) -> list[str]:
+    """The per-layer component names in canonical order: every head (layer by layer), then each
+    block ``L{l}`` followed by its ``L{l}.mlp`` when the model has MLPs."""
+    names = [f"L{layer}H{h}" for layer in range(n_layers) for h in range(n_heads)]
+    for layer in range(n_layers):
+        names += [f"L{layer}"] + ([f"L{layer}.mlp"] if has_mlp else [])
+    return names
 
 
 @dataclass(frozen=True)
@@ -54,14 +94,7 @@ class Component:
 
 def valid_component_names(cfg: ModelConfig) -> list[str]:
     """Every concrete component name for ``cfg``, in canonical order."""
-    names = []
-    for layer in range(cfg.n_layers):
-        names += [f"L{layer}H{h}" for h in range(cfg.n_heads)]
-    for layer in range(cfg.n_layers):
-        names.append(f"L{layer}")
-        if cfg.d_mlp > 0:
-            names.append(f"L{layer}.mlp")
-    return names + ["embed", "pos_embed", "ln_final", "unembed", "full"]
+    return layer_names(cfg.n_layers, cfg.n_heads, cfg.d_mlp > 0) + [*WHOLE_MODEL_PARTS, FULL]
 
 
 def resolve_components(cfg: ModelConfig, names: list[str] | tuple[str, ...]) -> list[str]:
@@ -91,29 +124,22 @@ def component_layer(name: str, n_layers: int) -> int:
     """The first block whose computation component ``name`` (concrete, any model's naming) changes:
     its layer for ``L{l}H{h}``, ``L{l}``, ``L{l}.mlp``; 0 for ``embed``, ``pos_embed``, ``full``;
     ``n_layers`` for ``ln_final`` and ``unembed`` (they change only what follows the last block)."""
-    if (m := HEAD_RE.match(name)) is not None:
-        return int(m.group(1))
-    if name in ("embed", "pos_embed", "full"):
-        return 0
-    if name in ("ln_final", "unembed"):
-        return n_layers
-    return int(name[1:-4] if name.endswith(".mlp") else name[1:])
+    parsed = parse_name(name)
+    if parsed.layer is not None:
+        return parsed.layer
+    return n_layers if parsed.kind in ("ln_final", "unembed") else 0
 
 
 def component(cfg: ModelConfig, name: str) -> Component:
     """The ``Component`` called ``name`` (a concrete name, not a glob)."""
     resolve_components(cfg, [name])
     shapes = param_shapes(cfg)
-    layer = component_layer(name, cfg.n_layers)
-    if (m := HEAD_RE.match(name)) is not None:
-        slices = tuple((f"blocks.{layer}.attn.{p}", int(m.group(2))) for p in HEAD_PARAMS)
-        return Component(name, slices, tuple(shapes[p][1:] for p, _ in slices), layer, int(m.group(2)))
-    if name == "full":
-        prefixes = ("",)
-    elif name in ("embed", "pos_embed", "ln_final", "unembed"):
-        prefixes = (f"{name}.",)
-    else:
-        prefixes = (f"blocks.{layer}.mlp.",) if name.endswith(".mlp") else (f"blocks.{layer}.",)
+    parsed, layer = parse_name(name), component_layer(name, cfg.n_layers)
+    if parsed.kind == "head":
+        slices = tuple((f"blocks.{layer}.attn.{p}", parsed.head) for p in HEAD_PARAMS)
+        return Component(name, slices, tuple(shapes[p][1:] for p, _ in slices), layer, parsed.head)
+    prefixes = {FULL: ("",), "mlp": (f"blocks.{layer}.mlp.",), "block": (f"blocks.{layer}.",)}.get(
+        parsed.kind, (f"{name}.",))
     slices = tuple((p, None) for p in shapes if p.startswith(prefixes))
     return Component(name, slices, tuple(shapes[p] for p, _ in slices), layer)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from susc_core.model.components import HEAD_RE, expand_names
+from susc_core.model.components import expand_names, parse_name
 from susc_core.model.head_roles import head_labels
 from susc_core.model.transformer import Hooks, ModelConfig, Params, hook_name, logits, per_token_loss
 from susc_core.data.synthetic import gapped_repeats, tiled_repeats
@@ -120,9 +120,9 @@ def head_gate_hooks(cfg: ModelConfig, active_heads: list[str]) -> Hooks:
     for layer in range(cfg.n_layers):
         mask = torch.zeros(cfg.n_heads, 1)
         for name in active:
-            m = HEAD_RE.match(name)
-            if int(m.group(1)) == layer:
-                mask[int(m.group(2))] = 1.0
+            head = parse_name(name)
+            if head.layer == layer:
+                mask[head.head] = 1.0
         hooks[hook_name("z", layer)] = lambda z, mask=mask: z * mask.to(z.device, z.dtype)
     return hooks
 
