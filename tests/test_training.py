@@ -67,3 +67,35 @@ def test_train_step_with_a_gate_leaves_gated_heads_to_weight_decay_alone():
 def test_phase_schedule():
     curriculum = CurriculumConfig(phases=[PhaseConfig(steps=3, active_heads=["L1H0"]), PhaseConfig(steps=2)])
     assert [phase_at(curriculum, s).active_heads for s in range(6)] == [["L1H0"]] * 3 + [[]] * 3
+
+
+def _train_cfg(out_dir, corpus_dir, steps: int):
+    from hydra import compose, initialize_config_module
+    from omegaconf import OmegaConf
+
+    import workflows.train_model  # noqa: F401  (registers the schema)
+
+    with initialize_config_module(version_base="1.3", config_module="conf"):
+        cfg = compose("train_model", overrides=[
+            "arch=tiny", f"out_dir={out_dir}", f"corpus_dir={corpus_dir}", "device=cpu", "notes_file=null",
+            "curriculum.batch_size=4", f"curriculum.phases=[{{steps: 2, seq_len: 8, synthetic_share: 1.0, "
+            f"active_heads: [L0H1, L1H0]}}, {{steps: {steps - 2}, seq_len: 16, synthetic_share: 0.0}}]",
+            "eval_every=2", "checkpoint_every=2", "eval_contexts=2", "head_scores.n_seqs=2", "head_scores.half_len=4",
+            "head_scores.natural_contexts=2"])
+    return OmegaConf.to_object(cfg)
+
+
+def test_training_resumes_bitwise_and_writes_its_card(tmp_path, corpus_dir):
+    from susc_core.model.checkpoint import load_model
+    from workflows.train_model import train
+
+    straight = train(_train_cfg(tmp_path / "straight", corpus_dir, 6))
+    train(_train_cfg(tmp_path / "resumed", corpus_dir, 4))  # stops after step 4 (a checkpoint) ...
+    resumed = train(_train_cfg(tmp_path / "resumed", corpus_dir, 6))  # ... and the same command with 6 steps resumes
+    assert resumed["steps"] == straight["steps"] == 6 and resumed["tokens_seen"] == straight["tokens_seen"]
+    _, a = load_model(tmp_path / "straight" / "model.safetensors")
+    _, b = load_model(tmp_path / "resumed" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["sha256"] == straight["sha256"] and resumed["roles"] == straight["roles"]
+    card = (tmp_path / "resumed" / "MODEL_CARD.md").read_text()
+    assert "| L1H1 |" in card and "## Held-out loss per domain" in card

@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import hydra
@@ -130,6 +131,71 @@ def head_roles_of(params: dict, cfg: TrainAppConfig, corpus: Path) -> tuple[dict
                           np.random.default_rng([cfg.seed, 1]), np.random.default_rng([cfg.seed, 2]))
 
 
+class Progress(NamedTuple):
+    """Where a training run stands: the next step, tokens seen so far, wall seconds spent before this process."""
+
+    step: int
+    tokens_seen: int
+    wall_s: float
+
+
+def _resume(out: Path, cfg: TrainAppConfig, model: Transformer, optimizer, generator: np.random.Generator) -> Progress:
+    """Restore weights, optimizer and batch-generator state from ``out`` when a run stopped there; else step 0."""
+    state_path = out / "training_state.pt"
+    if not state_path.exists():
+        return Progress(0, 0, 0.0)
+    _, saved = load_model(out / "model.safetensors", expected=cfg.arch)
+    model.load_state_dict(saved)
+    state = load_training_state(state_path)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.bit_generator.state = json.loads(state["numpy_rng"])
+    log.info("resuming from %s at step %d", state_path, state["step"])
+    return Progress(state["step"], state["tokens_seen"], state["wall_s"])
+
+
+def _log_eval(model: Transformer, cfg: TrainAppConfig, evals: dict, done: int, steps: int, loss: float) -> None:
+    """Log the held-out loss per domain and the induction / previous-token score of every head."""
+    params_now = model.params()
+    losses = domain_losses(params_now, cfg.arch, evals)
+    cpu_params = {k: v.detach().cpu() for k, v in params_now.items()}
+    roles = repeat_test_scores(cpu_params, cfg.arch, np.random.default_rng([cfg.seed, 1]), cfg.head_scores.n_seqs,
+                               cfg.head_scores.half_len)
+    log.info("step %d/%d loss %.3f | %s | induction per head %s | previous-token per head %s", done, steps, loss,
+             " ".join(f"{k} {v:.3f}" for k, v in losses.items()), " ".join(f"{v:.2f}" for v in roles["induction"]),
+             " ".join(f"{v:.2f}" for v in roles["previous_token"]))
+
+
+def _finish(cfg: TrainAppConfig, params: dict, evals: dict, progress: Progress, device: torch.device) -> dict:
+    """The summary (losses, head scores, roles, hashes), ``MODEL_CARD.md`` and ``summary.json`` in the output
+    folder, and the export of weights and card when ``export_to`` is set."""
+    out, corpus = Path(cfg.out_dir), Path(cfg.corpus_dir)
+    scores, effects, roles = head_roles_of(params, cfg, corpus)
+    manifest = corpus / "manifest.json"
+    summary = {
+        "command": "python -m workflows.train_model " + " ".join(sys.argv[1:]),
+        "n_params": n_params(cfg.arch), "steps": progress.step, "tokens_seen": progress.tokens_seen,
+        "wall_s": progress.wall_s, "device": str(device), "threads": torch.get_num_threads(),
+        "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
+        "head_scores": {k: v.tolist() for k, v in scores.items()},
+        "ablation": {k: v.tolist() for k, v in effects.items()}, "roles": roles,
+        "sha256": file_sha256(out / "model.safetensors"),
+        "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
+    }
+    card = model_card(cfg, summary)
+    if cfg.notes_file and Path(cfg.notes_file).exists():
+        card += "\n" + Path(cfg.notes_file).read_text()
+    (out / "MODEL_CARD.md").write_text(card)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    log.info("head scores:\n%s", card.split("## Head scores", 1)[1])
+    if cfg.export_to:
+        export = Path(cfg.export_to)
+        export.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(out / "model.safetensors", export / cfg.export_name)
+        (export / cfg.export_card).write_text(card)
+        log.info("exported %s and %s to %s", cfg.export_name, cfg.export_card, export)
+    return summary
+
+
 def train(cfg: TrainAppConfig) -> dict:
     """Run (or resume) training; returns the summary that goes into the model card."""
     if cfg.threads > 0:
@@ -143,20 +209,10 @@ def train(cfg: TrainAppConfig) -> dict:
                          f"rebuild the corpus or set arch.d_vocab to the tokenizer's vocabulary size")
     evals = {k: v.to(device) for k, v in _eval_sets(corpus, cfg.eval_contexts, cfg.arch.n_ctx).items()}
     torch.manual_seed(cfg.seed)
-    params = init_params(cfg.arch, torch.Generator().manual_seed(cfg.seed))
-    model = Transformer(cfg.arch, params).to(device)
+    model = Transformer(cfg.arch, init_params(cfg.arch, torch.Generator().manual_seed(cfg.seed))).to(device)
     optimizer = make_optimizer(list(model.parameters()), cfg.optim)
     generator = np.random.default_rng(cfg.seed)
-    state_path, weights_path = out / "training_state.pt", out / "model.safetensors"
-    start, tokens_seen, wall = 0, 0, 0.0
-    if state_path.exists():
-        _, saved = load_model(weights_path, expected=cfg.arch)
-        model.load_state_dict(saved)
-        state = load_training_state(state_path)
-        optimizer.load_state_dict(state["optimizer"])
-        generator.bit_generator.state = json.loads(state["numpy_rng"])
-        start, tokens_seen, wall = state["step"], state["tokens_seen"], state["wall_s"]
-        log.info("resuming from %s at step %d", state_path, start)
+    start, tokens_seen, wall = _resume(out, cfg, model, optimizer, generator)
     steps = total_steps(cfg.curriculum)
     t0 = time.perf_counter() - wall
     bar = tqdm(range(start, steps), initial=start, total=steps, desc="train", dynamic_ncols=True, file=sys.stderr)
@@ -170,46 +226,14 @@ def train(cfg: TrainAppConfig) -> dict:
         bar.set_postfix(loss=f"{loss:.3f}", seq=phase.seq_len)
         done = step + 1
         if done % cfg.eval_every == 0 or done == steps:
-            params_now = model.params()
-            losses = domain_losses(params_now, cfg.arch, evals)
-            cpu_params = {k: v.detach().cpu() for k, v in params_now.items()}
-            roles = repeat_test_scores(cpu_params, cfg.arch, np.random.default_rng([cfg.seed, 1]),
-                                       cfg.head_scores.n_seqs, cfg.head_scores.half_len)
-            log.info("step %d/%d loss %.3f | %s | induction per head %s | previous-token per head %s", done, steps,
-                     loss, " ".join(f"{k} {v:.3f}" for k, v in losses.items()),
-                     " ".join(f"{v:.2f}" for v in roles["induction"]),
-                     " ".join(f"{v:.2f}" for v in roles["previous_token"]))
+            _log_eval(model, cfg, evals, done, steps, loss)
         if done % cfg.checkpoint_every == 0 or done == steps:
-            save_model(weights_path, cfg.arch, model.params())
-            save_training_state(state_path, {
+            save_model(out / "model.safetensors", cfg.arch, model.params())
+            save_training_state(out / "training_state.pt", {
                 "optimizer": optimizer.state_dict(), "step": done, "tokens_seen": tokens_seen,
                 "wall_s": time.perf_counter() - t0, "numpy_rng": json.dumps(generator.bit_generator.state)})
     params = {k: v.detach().cpu() for k, v in model.params().items()}
-    scores, effects, roles = head_roles_of(params, cfg, corpus)
-    manifest = corpus / "manifest.json"
-    summary = {
-        "command": "python -m workflows.train_model " + " ".join(sys.argv[1:]),
-        "n_params": n_params(cfg.arch), "steps": steps, "tokens_seen": tokens_seen,
-        "wall_s": time.perf_counter() - t0, "device": str(device), "threads": torch.get_num_threads(),
-        "domain_losses": domain_losses(params, cfg.arch, {k: v.cpu() for k, v in evals.items()}),
-        "head_scores": {k: v.tolist() for k, v in scores.items()},
-        "ablation": {k: v.tolist() for k, v in effects.items()}, "roles": roles,
-        "sha256": file_sha256(weights_path),
-        "corpus_hash": json.loads(manifest.read_text()).get("content_hash", "") if manifest.exists() else "",
-    }
-    card = model_card(cfg, summary)
-    if cfg.notes_file and Path(cfg.notes_file).exists():
-        card += "\n" + Path(cfg.notes_file).read_text()
-    (out / "MODEL_CARD.md").write_text(card)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    log.info("head scores:\n%s", card.split("## Head scores", 1)[1])
-    if cfg.export_to:
-        export = Path(cfg.export_to)
-        export.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights_path, export / cfg.export_name)
-        (export / cfg.export_card).write_text(card)
-        log.info("exported %s and %s to %s", cfg.export_name, cfg.export_card, export)
-    return summary
+    return _finish(cfg, params, evals, Progress(steps, tokens_seen, time.perf_counter() - t0), device)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train_model")
