@@ -16,10 +16,12 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
+from typing import NamedTuple
 from pathlib import Path
 
 import hydra
 import numpy as np
+import pyarrow as pa
 import tokenizers
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
@@ -225,43 +227,58 @@ def _tokenizer(cfg: BuildCorpusConfig, train_docs: dict[str, list[corpus.Documen
     return tok, {"path": cfg.tokenizer_path, "sha256": tokenizer_hash(tok), "recipe": recipe}
 
 
-def build_corpus(cfg: BuildCorpusConfig) -> dict:
-    """Build the corpus files under ``cfg.out_dir``; returns the manifest (also written as JSON)."""
-    t0 = time.perf_counter()
-    out = _resolve(cfg.out_dir)
-    raw, source_records = read_natural(cfg)
-    splits: dict[str, tuple[list[corpus.Document], list[corpus.Document]]] = {}
+Splits = dict[str, tuple[list[corpus.Document], list[corpus.Document]]]  # domain -> (train, probe) documents
+
+
+def _split_natural(cfg: BuildCorpusConfig, raw: dict[str, list[corpus.Document]]) -> Splits:
+    """Each natural domain's documents split by document (seeded) into train and probe, capped, bundled."""
+    splits: Splits = {}
     for name, docs in raw.items():
         train, probe = corpus.split_documents(_domain_generator(cfg.seed, name), docs,
                                               cfg.domains[name].probe_fraction)
         cap = cfg.domains[name].max_documents
         splits[name] = (corpus.bundle_documents(train[:cap], cfg.bundle_min_chars, EOT),
                         corpus.bundle_documents(probe[:cap], cfg.bundle_min_chars, EOT))
-    tok, tok_info = _tokenizer(cfg, {n: s[0] for n, s in splits.items()})
-    meta = {"n_ctx": cfg.n_ctx, "tokenizer_sha256": tok_info["sha256"]}
+    return splits
 
-    train_parts, probe_parts, used_docs, counts = {}, {}, {}, {}
+
+class Parts(NamedTuple):
+    """Every domain's train and probe contexts, the documents they came from (with their split), and counts."""
+
+    train: dict[str, corpus.Contexts]
+    probe: dict[str, corpus.Contexts]
+    documents: dict[str, tuple[corpus.Document, str]]
+    counts: dict[str, dict]
+
+
+def _take_parts(cfg: BuildCorpusConfig, splits: Splits, tok) -> Parts:
+    """Contexts of every natural domain (token budgets per split) and of every synthetic family."""
+    parts = Parts({}, {}, {}, {})
     for name, (train, probe) in splits.items():
         dc = cfg.domains[name]
         for split, docs, cap, store, cpt in (
-                ("train", train, dc.train_tokens, train_parts, cfg.chars_per_token),
-                ("probe", probe, dc.probe_tokens, probe_parts, None)):
+                ("train", train, dc.train_tokens, parts.train, cfg.chars_per_token),
+                ("probe", probe, dc.probe_tokens, parts.probe, None)):
             store[name] = _take_contexts(_domain_generator(cfg.seed, f"{name}/{split}/take"), tok, docs,
                                          cfg.n_ctx, cap, cpt)
             ids = set(store[name].doc_ids)
-            used_docs.update({d.doc_id: (d, split) for d in docs if d.doc_id in ids})
-            counts.setdefault(name, {})[split] = {"documents_available": len(docs),
-                                                  "documents_used": len(ids),
-                                                  "contexts": len(store[name].doc_ids)}
+            parts.documents.update({d.doc_id: (d, split) for d in docs if d.doc_id in ids})
+            parts.counts.setdefault(name, {})[split] = {"documents_available": len(docs),
+                                                        "documents_used": len(ids),
+                                                        "contexts": len(store[name].doc_ids)}
     for name, (train_c, probe_c, docs) in synthetic_contexts(cfg, tok).items():
-        train_parts[name], probe_parts[name] = train_c, probe_c
-        used_docs.update({d.doc_id: (d, split) for d, split in docs})
-        counts[name] = {s: {"documents_used": len(set(c.doc_ids)), "contexts": len(c.doc_ids)}
-                        for s, c in (("train", train_c), ("probe", probe_c))}
+        parts.train[name], parts.probe[name] = train_c, probe_c
+        parts.documents.update({d.doc_id: (d, split) for d, split in docs})
+        parts.counts[name] = {s: {"documents_used": len(set(c.doc_ids)), "contexts": len(c.doc_ids)}
+                              for s, c in (("train", train_c), ("probe", probe_c))}
+    return parts
 
-    names = list(train_parts)
-    train_all = corpus.concat_contexts([train_parts[n] for n in names])
-    domains = np.repeat(names, [len(train_parts[n].doc_ids) for n in names])
+
+def _tables(cfg: BuildCorpusConfig, parts: Parts, meta: dict) -> dict[str, pa.Table]:
+    """{relative path: table}: the shuffled training contexts, one probe file per domain, the documents."""
+    names = list(parts.train)
+    train_all = corpus.concat_contexts([parts.train[n] for n in names])
+    domains = np.repeat(names, [len(parts.train[n].doc_ids) for n in names])
     order = np.random.default_rng([cfg.seed, 1]).permutation(len(domains))
     shuffled = corpus.Contexts(train_all.tokens[order], train_all.char_start[order],
                                train_all.char_end[order], [train_all.doc_ids[i] for i in order])
@@ -269,27 +286,40 @@ def build_corpus(cfg: BuildCorpusConfig) -> dict:
                                                    meta | {"domain": json.dumps(names)})}
     next_id = len(order)
     for name in names:
-        part = probe_parts[name]
+        part = parts.probe[name]
         files[f"probes/{name}.parquet"] = corpus.context_table(part, [name] * len(part.doc_ids), next_id,
                                                                meta | {"domain": name})
         next_id += len(part.doc_ids)
-    docs_sorted = sorted(used_docs.values(), key=lambda ds: ds[0].doc_id)
+    docs_sorted = sorted(parts.documents.values(), key=lambda ds: ds[0].doc_id)
     files["documents.parquet"] = corpus.document_table([d for d, _ in docs_sorted], [s for _, s in docs_sorted])
+    return files
+
+
+def build_corpus(cfg: BuildCorpusConfig) -> dict:
+    """Build the corpus files under ``cfg.out_dir``; returns the manifest (also written as JSON)."""
+    t0 = time.perf_counter()
+    out = _resolve(cfg.out_dir)
+    raw, source_records = read_natural(cfg)
+    splits = _split_natural(cfg, raw)
+    tok, tok_info = _tokenizer(cfg, {n: s[0] for n, s in splits.items()})
+    parts = _take_parts(cfg, splits, tok)
+    files = _tables(cfg, parts, {"n_ctx": cfg.n_ctx, "tokenizer_sha256": tok_info["sha256"]})
     for rel, table in files.items():
         corpus.write_table(table, out / rel, cfg.compression)
 
     file_hashes = {rel: hashlib.sha256((out / rel).read_bytes()).hexdigest() for rel in sorted(files)}
+    n_train = sum(len(c.doc_ids) for c in parts.train.values())
     manifest = {
         "content_hash": hashlib.sha256(json.dumps(file_hashes, sort_keys=True).encode()).hexdigest(),
         "files": file_hashes, "n_ctx": cfg.n_ctx, "seed": cfg.seed, "tokenizer": tok_info,
-        "counts": counts, "train_tokens": int(train_all.tokens.size),
+        "counts": parts.counts, "train_tokens": int(sum(c.tokens.size for c in parts.train.values())),
         "sources": source_records, "python": sys.version.split()[0],
         "attribution": "Licence texts from ScanCode LicenseDB (licensedcode-data), (c) nexB Inc. and "
                        "others, CC-BY-4.0; SPDX License List data CC0; CPython stdlib PSF-2.0.",
         "config": OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    log.info("corpus %s: %d train contexts, hash %s, %.1f s", out, len(order), manifest["content_hash"][:12],
+    log.info("corpus %s: %d train contexts, hash %s, %.1f s", out, n_train, manifest["content_hash"][:12],
              time.perf_counter() - t0)
     return manifest
 
