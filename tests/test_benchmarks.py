@@ -143,3 +143,19 @@ def test_devinterp_restriction_masks_the_components_coordinates(name):
     for key, value in params.items():
         changed = moved[key] != value
         assert torch.equal(changed, masks.get(key, torch.zeros_like(changed)))
+
+
+def test_cost_scaling_fit_recovers_a_line_and_flags_a_bend():
+    import numpy as np
+
+    from benchmarks.cost_scaling import line_fit, sweep
+
+    x = np.asarray([4096.0, 8192, 16384, 32768, 65536])
+    exact = line_fit(x, 2.0 + 1e-3 * x)
+    assert exact["slope"] == pytest.approx(1e-3) and exact["intercept"] == pytest.approx(2.0)
+    assert exact["r2"] == pytest.approx(1.0) and exact["max_rel_deviation"] < 1e-9
+    bent = line_fit(x, 2.0 + 1e-8 * x ** 2)  # quadratic growth: the line misses the points by tens of percent
+    assert bent["max_rel_deviation"] > 0.3
+    points = [{"draws": d, "wall_s": 1.0 + d, "memory_before_mib": 100.0, "memory_peak_mib": 100.0 + m}
+              for d, m in ((10, 50.0), (100, 60.0))]
+    assert sweep(points, "draws")["working_memory_max_over_min"] == pytest.approx(1.2)
