@@ -7,8 +7,9 @@ import pyarrow as pa
 import pytest
 
 from susc_core.analysis import ValidationRules
-from susc_core.analysis.analyze import sample_rows
-from susc_core.analysis.pca import PCAResult, layer_groups, pca, pca_by_layer
+from susc_core.analysis.analyze import extreme_class_shares, sample_rows
+from susc_core.analysis.non_head import non_head_analysis
+from susc_core.analysis.pca import PCAResult, layer_groups, pca, pca_by_layer, split_heads
 from susc_core.analysis.standardize import finite_components, standardize
 from susc_core.analysis import validation
 
@@ -82,6 +83,58 @@ def test_pca_by_layer_equals_pca_of_each_layer_block():
     np.testing.assert_allclose(out["all"].variance_explained, pca(z, comps).variance_explained)
     with pytest.raises(ValueError, match=r"no layer index for components \['X'\]"):
         layer_groups(["X"], layers)
+
+
+def test_head_pcas_leave_non_head_components_out():
+    """Embeddings, MLPs, whole blocks and the unembedding never enter a head PCA; with no head there is none."""
+    layers = {"embed": 0, "L0H0": 0, "L0.mlp": 0, "L0H1": 0, "L0": 0, "L1H0": 1, "L1H1": 1, "unembed": 2,
+              "pos_embed": 0}
+    comps = list(layers)
+    assert split_heads(comps) == (["L0H0", "L0H1", "L1H0", "L1H1"], ["embed", "L0.mlp", "L0", "unembed", "pos_embed"])
+    assert layer_groups(comps, layers) == {"L0": ["L0H0", "L0H1"], "L1": ["L1H0", "L1H1"],
+                                           "all": ["L0H0", "L0H1", "L1H0", "L1H1"]}
+    assert layer_groups(["embed", "unembed"], layers) == {}
+    z, _ = standardize(np.random.default_rng(3).standard_normal((40, len(comps))))
+    heads = [comps.index(c) for c in ("L0H0", "L0H1", "L1H0", "L1H1")]
+    np.testing.assert_allclose(pca_by_layer(z, comps, layers)["all"].loadings,
+                               pca(z[:, heads], split_heads(comps)[0]).loadings)
+    assert validation.uniform_mode({}, RULES).status == "skipped"
+
+
+def test_non_head_analysis_sets_each_against_the_head_modes():
+    """A non-head column equal to the heads' first mode has r = ±1 with PC1 and 0 with PC2; one on the second mode
+    the reverse; a single non-head component gets no PCA of its own."""
+    v = np.array([[0.5, 0.5, 0.5, 0.5], [0.5, 0.5, -0.5, -0.5]])
+    heads = planted_low_rank(300, v, np.array([5.0, 2.0]))
+    scores = pca(heads, list("abcd")).scores
+    names = ["L0H0", "L0H1", "L1H0", "L1H1", "embed", "L0.mlp"]
+    z = np.column_stack([heads, scores[:, 0], scores[:, 1]])
+    layers = {c: 0 for c in names} | {"L1H0": 1, "L1H1": 1}
+    pcas = pca_by_layer(z, names, layers)
+    nh = non_head_analysis(z, names, layers, pcas, n_pcs=2)
+    assert nh.components == ("embed", "L0.mlp") and nh.pca is not None
+    r = {row["component"]: (row["r with heads' PC1"], row["r with heads' PC2"]) for row in nh.head_mode_r}
+    np.testing.assert_allclose(np.abs(r["embed"]), [1.0, 0.0], atol=1e-9)
+    np.testing.assert_allclose(np.abs(r["L0.mlp"]), [0.0, 1.0], atol=1e-9)
+    alone = non_head_analysis(z[:, :5], names[:5], layers, pcas, n_pcs=2)
+    assert alone.pca is None and [row["component"] for row in alone.head_mode_r] == ["embed"]
+
+
+def test_extreme_class_shares_count_each_end():
+    """Fig. 3 data: with 20 tokens scored 0..19 and fraction 0.1, each end holds 2 tokens; a token counts in every
+    class it has, and "other" holds the tokens with none."""
+    flags = np.zeros((20, 2), dtype=bool)
+    flags[18:, 0] = True  # class "a": the two highest tokens
+    flags[:10, 1] = True  # class "b": the ten lowest
+    flags[0, 0] = True  # the lowest token is both
+    rows = {r["class"]: r for r in extreme_class_shares(np.arange(20.0), flags, ("a", "b"), 0.1)}
+    assert rows["a"] == {"class": "a", "low": 0.5, "all": 0.15, "high": 1.0}
+    assert rows["b"] == {"class": "b", "low": 1.0, "all": 0.5, "high": 0.0}
+    assert rows["other"] == {"class": "other", "low": 0.0, "all": 0.4, "high": 0.0}
+    one_each = extreme_class_shares(np.arange(3.0), np.zeros((3, 1), dtype=bool), ("a",), 0.01)
+    assert one_each == [{"class": "other", "low": 1.0, "all": 1.0, "high": 1.0}]  # each end holds at least 1 token
+    with pytest.raises(ValueError, match="extreme_fraction"):
+        extreme_class_shares(np.arange(20.0), flags, ("a", "b"), 0.6)
 
 
 def test_sample_rows_caps_each_probe_deterministically():

@@ -141,15 +141,16 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
 def chain_sums_table(stats: dict[str, list[ChainStats]], chains: dict[str, list[int]]) -> pa.Table:
     """chain_sums: one row per (component, chain) with the sums every estimate is made of (count, Σg,
     Σg·a_t [T], Σa_t [T], divergence), so that an analysis can resample chains (a bootstrap) without
-    rerunning them."""
+    rerunning them, and the chain's g trace [count] (g = L_n(draw) − L_n(w*), nats: the report's SGLD
+    traces)."""
     records = [{"component": comp, "chain": chain, "count": s.count, "sum_g": s.sum_g, "diverged": bool(s.diverged),
-                "sum_ga": s.sum_ga, "sum_a": s.sum_a}
+                "sum_ga": s.sum_ga, "sum_a": s.sum_a, "g_trace": s.g_trace}
                for comp in sorted(stats) for chain, s in zip(chains[comp], stats[comp])]
+    lists = {name: pa.array([r[name] for r in records], pa.list_(pa.float64()))
+             for name in ("sum_ga", "sum_a", "g_trace")}
     return pa.table({"component": [r["component"] for r in records], "chain": [r["chain"] for r in records],
                      "count": [r["count"] for r in records], "sum_g": [r["sum_g"] for r in records],
-                     "diverged": [r["diverged"] for r in records],
-                     "sum_ga": pa.array([r["sum_ga"] for r in records], pa.list_(pa.float64())),
-                     "sum_a": pa.array([r["sum_a"] for r in records], pa.list_(pa.float64()))})
+                     "diverged": [r["diverged"] for r in records], **lists})
 
 
 def token_response_table(keys: dict, chi: dict[str, np.ndarray], se: dict[str, np.ndarray],

@@ -7,9 +7,10 @@ from typing import NamedTuple
 import numpy as np
 
 from susc_core.analysis.config import AnalysisConfig
+from susc_core.analysis.non_head import NonHeadAnalysis, non_head_analysis
 from susc_core.analysis.pca import PCAResult, pca_by_layer
 from susc_core.analysis.standardize import Standardization, finite_components, standardize
-from susc_core.analysis.token_classes import TokenClasses, classify_table
+from susc_core.analysis.token_classes import OTHER, TokenClasses, classify_table
 from susc_core.analysis import validation
 from susc_core.analysis.replication import replication_rows
 from susc_core.analysis.results import RunResults
@@ -20,7 +21,8 @@ class Analysis(NamedTuple):
     dropped: tuple[str, ...]  # components left out: NaN/inf or constant χ̂
     rows: np.ndarray  # [n_selected] row indices of run.tokens that entered the PCA
     standardization: Standardization  # fitted on the selected rows, [n_components] each
-    pcas: dict[str, PCAResult]  # "L0", "L1", ..., "all" (scores for the selected rows)
+    pcas: dict[str, PCAResult]  # heads only: "L0", "L1", ..., "all" (scores for the selected rows)
+    non_head: NonHeadAnalysis  # embeddings, MLPs, whole blocks, unembedding: apart from the head PCAs
     classes: TokenClasses  # for every row of run.tokens
     checks: list[validation.Check]
     replication: list[dict]  # the paper's figures beside ours (``replication.py``); empty unless enabled
@@ -49,19 +51,46 @@ def standardized_all(run: RunResults, analysis: Analysis) -> np.ndarray:
     return (run.chi_matrix()[:, index] - st.center) / st.scale
 
 
+def class_means(classes: TokenClasses, rows: np.ndarray, values: np.ndarray, names: list[str]) -> list[dict]:
+    """Per token class (every class a token has, not only its primary one) among the token ``rows``
+    [n]: the token count and the mean of each column of ``values`` [n, len(names)], keyed by ``names``."""
+    flags = classes.flags[rows]  # [n, n_classes]
+    return [{"class": name, "tokens": int(flags[:, j].sum()),
+             **{col: float(values[flags[:, j], i].mean()) for i, col in enumerate(names)}}
+            for j, name in enumerate(classes.names) if flags[:, j].any()]
+
+
 def class_score_means(analysis: Analysis, key: str, n_pcs: int) -> list[dict]:
-    """The data side of PCA ``key``: per token class (every class a token has, not only its
-    primary one), the token count and the mean score on PC1..PCn of the PCA's tokens."""
-    res = analysis.pcas[key]
-    flags = analysis.classes.flags[analysis.rows]  # [n_selected, n_classes]
-    rows = []
-    for j, name in enumerate(analysis.classes.names):
-        mask = flags[:, j]
-        if mask.any():
-            rows.append({"class": name, "tokens": int(mask.sum()),
-                         **{f"PC{k + 1}": float(res.scores[mask, k].mean())
-                            for k in range(min(n_pcs, res.scores.shape[1]))}})
-    return rows
+    """The data side of PCA ``key``: per token class, the token count and the mean score on PC1..PCn
+    of the PCA's tokens (``class_means``)."""
+    scores = analysis.pcas[key].scores
+    k = min(n_pcs, scores.shape[1])
+    return class_means(analysis.classes, analysis.rows, scores[:, :k], [f"PC{i + 1}" for i in range(k)])
+
+
+def extreme_class_shares(scores: np.ndarray, flags: np.ndarray, names: tuple[str, ...],
+                         fraction: float) -> list[dict]:
+    """The paper's Fig. 3 for one PC: per token class, the share of the lowest-scoring (``low``: the
+    expression side) and of the highest-scoring (``high``: the suppression side) ``fraction`` of tokens
+    that have the class, beside its share among all tokens (``all``). A token counts in every class it
+    has; ``other`` holds the tokens with none. scores: [n]; flags: [n, len(names)] bool; each end holds
+    max(1, round(fraction · n)) tokens. Classes no token has are left out."""
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"report.extreme_fraction must be in (0, 0.5]; got {fraction}")
+    flags = np.column_stack([flags, ~flags.any(axis=1)])
+    order = np.argsort(scores, kind="stable")
+    n_end = max(1, round(fraction * len(scores)))
+    ends = {"low": order[:n_end], "all": order, "high": order[len(order) - n_end:]}
+    return [{"class": name, **{end: float(flags[rows, j].mean()) for end, rows in ends.items()}}
+            for j, name in enumerate((*names, OTHER)) if flags[:, j].any()]
+
+
+def extreme_classes(analysis: Analysis, key: str, n_pcs: int, fraction: float) -> dict[str, list[dict]]:
+    """``extreme_class_shares`` of PC1..PCn of PCA ``key`` over its tokens: {"PC1": rows, ...}."""
+    scores = analysis.pcas[key].scores
+    flags = analysis.classes.flags[analysis.rows]
+    return {f"PC{k + 1}": extreme_class_shares(scores[:, k], flags, analysis.classes.names, fraction)
+            for k in range(min(n_pcs, scores.shape[1]))}
 
 
 def analyze(run: RunResults, cfg: AnalysisConfig) -> Analysis:
@@ -76,6 +105,7 @@ def analyze(run: RunResults, cfg: AnalysisConfig) -> Analysis:
     columns = [run.components.index(c) for c in kept]
     z, st = standardize(chi[np.ix_(rows, columns)], cfg.standardize, kept)
     pcas = pca_by_layer(z, kept, run.layers)
+    non_head = non_head_analysis(z, kept, run.layers, pcas, cfg.report.n_pcs_shown)
     rules = cfg.validation
     checks = [
         validation.uniform_mode(pcas, rules),
@@ -93,5 +123,5 @@ def analyze(run: RunResults, cfg: AnalysisConfig) -> Analysis:
         if missing:
             raise ValueError(f"analysis.replication.enabled needs {missing} in {run.run_dir} (a study of the bundled "
                              "model writes both); set analysis.replication.enabled=false for this run")
-        replication = replication_rows(z, pcas, rows, classes, run, checks, cfg)
-    return Analysis(tuple(kept), tuple(dropped), rows, st, pcas, classes, checks, replication)
+        replication = replication_rows(z, kept, pcas, rows, classes, run, checks, cfg)
+    return Analysis(tuple(kept), tuple(dropped), rows, st, pcas, non_head, classes, checks, replication)

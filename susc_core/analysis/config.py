@@ -61,6 +61,11 @@ class ReportOptions:
     n_pcs_shown: int = 3  # PCs drawn in the loadings and viewer menus
     max_scatter_points: int = 5000  # token PCA scatter subsamples beyond this (seeded)
     viewer_max_contexts_per_probe: int = 8  # contexts per probe embedded in the token viewer
+    viewer_page_tokens: int = 256  # tokens of one context drawn at a time (the viewer pages through longer ones)
+    # colour bands shown when the page opens: the heads with the largest |PC2 loading| over all heads
+    viewer_default_components: int = 4
+    extreme_fraction: float = 0.05  # share of tokens at each end of a PC whose classes are counted (Fig. 3 bars)
+    max_trace_draws: int = 1000  # g-trace points drawn per chain (longer traces are thinned evenly)
     heatmap_value: str = "chi_std"  # response_matrix column drawn in the heatmap
     diverging_colorscale: str = "RdBu_r"  # plotly name; negative (expression) blue, positive red
 

@@ -1,4 +1,7 @@
-"""PCA of the standardised tokens × components matrix, per layer and over all layers (SCIENCE.md §5).
+"""PCA of the standardised tokens × heads matrix, per layer and over all layers (SCIENCE.md §5).
+
+Only attention heads enter these PCAs, as in the paper; the other components (embeddings, MLPs, whole
+blocks, the unembedding) are analysed apart (``non_head.py``).
 
 With Z [n_tokens, n_components] column-centred, the SVD ``Z = U · diag(s) · Vᵀ`` factorises the
 response into modes α: ``Z[x, C] = Σ_α s_α · U[x, α] · V[C, α]``, where ``U[:, α]`` is the
@@ -17,7 +20,9 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-ALL_LAYERS = "all"
+from susc_core.model.components import is_head
+
+ALL_LAYERS = "all"  # key of the PCA over the heads of every layer
 
 
 class PCAResult(NamedTuple):
@@ -49,26 +54,38 @@ def pca(z: np.ndarray, components: Sequence[str]) -> PCAResult:
     return PCAResult(tuple(components), s, explained, vt, u, u * s)
 
 
+def split_heads(components: Sequence[str]) -> tuple[list[str], list[str]]:
+    """(attention heads ``L{l}H{h}``, every other component: ``embed``, ``pos_embed``, ``L{l}.mlp``,
+    whole blocks ``L{l}``, ``ln_final``, ``unembed``, ``full``), each in the given order."""
+    heads = [c for c in components if is_head(c)]
+    return heads, [c for c in components if not is_head(c)]
+
+
 def layer_groups(components: Sequence[str], layers: Mapping[str, int]) -> dict[str, list[str]]:
-    """Components grouped by layer, ``{"L0": [...], "L1": [...], "all": [...]}``; a layer with a
-    single component is left out of the per-layer groups (a PCA of one column is trivial)."""
+    """Attention heads grouped by layer, ``{"L0": [...], "L1": [...], "all": [every head]}``.
+
+    Non-head components are left out (they are analysed apart: ``non_head.py``); a layer with a
+    single head is left out of the per-layer groups (a PCA of one column is trivial), and "all" is
+    absent when there is no head."""
     missing = [c for c in components if c not in layers]
     if missing:
         raise ValueError(f"no layer index for components {missing}; the token table's "
                          "'layers' metadata must name every component column")
+    heads, _ = split_heads(components)
     groups: dict[str, list[str]] = {}
-    for c in components:
+    for c in heads:
         groups.setdefault(f"L{layers[c]}", []).append(c)
     groups = {k: v for k, v in sorted(groups.items(), key=lambda kv: int(kv[0][1:])) if len(v) > 1}
-    return groups | {ALL_LAYERS: list(components)}
+    return groups | ({ALL_LAYERS: heads} if heads else {})
 
 
 def pca_by_layer(z: np.ndarray, components: Sequence[str],
                  layers: Mapping[str, int]) -> dict[str, PCAResult]:
-    """PCA of ``z`` [n_tokens, n_components] separately per layer and over all layers.
+    """PCA of the head columns of ``z`` [n_tokens, n_components] separately per layer and over all
+    layers (non-head columns are not used). Keys as in ``layer_groups``.
 
-    Keys as in ``layer_groups``. Columns of a layer are a subset of z's (already standardised)
-    columns, so every per-layer matrix is column-centred too.
+    Columns of a layer are a subset of z's (already standardised) columns, so every per-layer matrix
+    is column-centred too.
     """
     index = {c: j for j, c in enumerate(components)}
     return {name: pca(z[:, [index[c] for c in group]], group)

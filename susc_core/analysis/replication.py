@@ -94,11 +94,11 @@ def _row(figure: str, pca_key: str, ours, paper, status: str, interval: str = ""
     return {"figure": figure, "pca": pca_key, "ours": ours, "interval": interval, "paper": paper, "status": status}
 
 
-def replication_rows(z: np.ndarray, pcas: Mapping, rows: np.ndarray, classes, run, checks: Sequence[Check],
-                     cfg: AnalysisConfig) -> list[dict]:
+def replication_rows(z: np.ndarray, names: Sequence[str], pcas: Mapping, rows: np.ndarray, classes, run,
+                     checks: Sequence[Check], cfg: AnalysisConfig) -> list[dict]:
     """Every replication figure as a row {figure, pca, ours, interval, paper, status}.
 
-    z: [n_selected, n_components] the analysis' standardised matrix (columns = ``pcas["all"].components``);
+    z: [n_selected, n_components] the analysis' standardised matrix, its columns called ``names``;
     rows: the token rows it holds; classes: the ``TokenClasses`` of every token row; run: ``RunResults``
     (head_roles, chain_sums, diagnostics); checks: the analysis' validation checks (ablation, slope)."""
     rep, rules = cfg.replication, cfg.validation
@@ -112,7 +112,6 @@ def replication_rows(z: np.ndarray, pcas: Mapping, rows: np.ndarray, classes, ru
     sums = chain_sums_by_component(run.chain_sums)
     generator = np.random.default_rng(cfg.seed)
     lo_q, hi_q = (1 - rep.interval) / 2, 1 - (1 - rep.interval) / 2
-    names = list(pcas["all"].components)
     out = []
     for key, res in pcas.items():
         one_sign = bool((res.loadings[0] > 0).all() or (res.loadings[0] < 0).all())

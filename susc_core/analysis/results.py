@@ -13,7 +13,8 @@ Files a study writes (``workflows.study``):
   ``previous_token``, ``current_token``; studies add ``ablation_natural``, ``ablation_repeat``, ``role``),
   ``ablation.parquet`` (the token keys, then one zero-ablation loss delta in nats per head) and
   ``chain_sums.parquet`` (per (component, chain): ``count``, ``sum_g``, ``diverged``, and the lists
-  ``sum_ga``, ``sum_a`` over tokens in the token table's order).
+  ``sum_ga``, ``sum_a`` over tokens in the token table's order; studies since issue 17 add the list
+  ``g_trace``: g = L_n(draw) − L_n(w*) per draw, nats).
 - ``manifest.json``: the resolved config under ``config`` (``config.perturbation.delta_h``),
   timings, hashes.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +50,14 @@ REQUIRED_COLUMNS = {
     "ablation": TOKEN_KEYS,
     "chain_sums": ("component", "chain", "count", "sum_g", "diverged", "sum_ga", "sum_a"),
 }
+
+
+class Trace(NamedTuple):
+    """The g trace of one (component, chain): g = L_n(draw) − L_n(w*) per draw (nats)."""
+
+    chain: int
+    diverged: bool  # diverged, or excluded by a sampler diagnostic: left out of every estimate
+    g: np.ndarray  # [count]
 
 
 @dataclass(frozen=True)
@@ -79,6 +89,25 @@ class RunResults:
     def chi_matrix(self) -> np.ndarray:
         """Raw per-token susceptibilities [n_tokens, n_components] (rows in table order)."""
         return np.column_stack([self.tokens.column(c).to_numpy() for c in self.components])
+
+    def roles(self) -> dict[str, str]:
+        """component -> the head's measured role (``head_roles.parquet``'s ``role``: induction,
+        previous-token, multigram, ...); {} when the run has no such column (adapter models)."""
+        if self.head_roles is None or "role" not in self.head_roles.column_names:
+            return {}
+        return {c: str(r) for c, r in zip(self.head_roles.column("component").to_pylist(),
+                                          self.head_roles.column("role").to_pylist()) if r is not None}
+
+    def g_traces(self) -> dict[str, list[Trace]] | None:
+        """component -> its chains' g traces in chain order; None when the run recorded none (no
+        chain_sums.parquet, or one written before it had a ``g_trace`` column)."""
+        if self.chain_sums is None or "g_trace" not in self.chain_sums.column_names:
+            return None
+        out: dict[str, list[Trace]] = {}
+        columns = (self.chain_sums.column(k).to_pylist() for k in ("component", "chain", "diverged", "g_trace"))
+        for comp, chain, diverged, g in sorted(zip(*columns), key=lambda r: (r[0], r[1])):
+            out.setdefault(comp, []).append(Trace(int(chain), bool(diverged), np.asarray(g, np.float64)))
+        return out
 
     @property
     def delta_h(self) -> float | None:

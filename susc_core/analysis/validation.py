@@ -112,6 +112,8 @@ def aggregation_slope(tokens: pa.Table, response: pa.Table, components: Sequence
 def uniform_mode(pcas: Mapping[str, PCAResult], rules: ValidationRules) -> Check:
     """Per PCA: PC1's variance explained and whether all its loadings share one sign (the paper's
     "uniform mode": ~95% in layer 0, ~99% in layer 1, all heads one sign)."""
+    if not pcas:
+        return _skip("PC1 uniform mode", "no PCA of heads (the run analyses no attention head)")
     rows = [{"pca": key, "pc1_variance": float(res.variance_explained[0]),
              "one_sign": bool((res.loadings[0] > 0).all() or (res.loadings[0] < 0).all())}
             for key, res in pcas.items()]
