@@ -1,5 +1,6 @@
 """The study app on Hugging Face models (issue 7): tiny random GPT-2 and Llama (GQA) models saved with a
-tiny byte-level tokenizer, studied end to end over the real corpus documents re-tokenised with it."""
+tiny byte-level tokenizer, studied end to end over the real corpus documents re-tokenised with it; and a
+tiny TransformerLens model saved with ``save_tl`` (``model.adapter=tl``, the bundled tokenizer)."""
 
 from __future__ import annotations
 
@@ -118,6 +119,34 @@ def test_llama_gqa_study_without_full_run_reports(tmp_path, hf_models, corpus_di
     assert b"restricted" in out["token_susceptibilities"].schema.metadata[b"estimator"]
     _assert_chi_is_token_mean(out)
     assert (run_dir / "report.html").stat().st_size > 0  # renders without full run, head roles or ablation
+
+
+@pytest.fixture(scope="module")
+def tl_model(tmp_path_factory) -> Path:
+    """A tiny HookedTransformer over the bundled tokenizer's vocabulary, saved with ``save_tl`` (no
+    tokenizer.json: the corpus is re-tokenised with the bundled tokenizer)."""
+    tl = pytest.importorskip("transformer_lens", reason="the [tl] extra (transformer-lens 3.x) is not installed")
+    from susc_core.adapters.tl import save_tl
+    from susc_core.data.tokenizer import load_tokenizer
+
+    cfg = tl.HookedTransformerConfig(n_layers=2, d_model=16, n_heads=4, d_head=4, d_mlp=24, n_ctx=2 * SEQ,
+                                     d_vocab=load_tokenizer().get_vocab_size(), act_fn="gelu",
+                                     normalization_type="LN", seed=0)
+    return save_tl(tl.HookedTransformer(cfg), tmp_path_factory.mktemp("tl") / "model")
+
+
+def test_tl_study_from_the_cli_config(tmp_path, tl_model, corpus_dir):
+    """``model.adapter=tl model.checkpoint=<save_tl directory>``: the same outputs as an hf study."""
+    cfg, _ = _run(tmp_path, corpus_dir, tl_model, "cluster=inprocess", "model.adapter=tl",
+                  "components.include_full=false", name="tl")
+    out = tables_of(Path(cfg.run_dir))
+    assert out["response_matrix"].num_rows == N_PROBES * len(COMPONENTS)
+    assert out["token_susceptibilities"].num_rows == N_PROBES * CTX_PER_PROBE * SEQ
+    assert np.isfinite(out["token_susceptibilities"].column("L1H2").to_numpy()).all()
+    assert sorted(set(out["diagnostics"].column("component").to_pylist())) == sorted(COMPONENTS)
+    _assert_chi_is_token_mean(out)
+    manifest = json.loads((Path(cfg.run_dir) / "manifest.json").read_text())
+    assert manifest["hashes"]["model"] == path_sha256(tl_model)
 
 
 def test_missing_inputs_say_what_to_install(tmp_path, hf_models, corpus_dir, monkeypatch):

@@ -21,19 +21,22 @@ class ModelSection:
     """Which trained model to study (conf/model/).
 
     ``adapter: bundled`` is a checkpoint of this project's model. ``hf`` is a Hugging Face model run
-    through ``susc_core.adapters``: ``checkpoint`` is its save_pretrained directory or .gguf file, or
-    ``gguf_package`` + ``gguf_file`` name a GGUF shipped in an installed package; the corpus documents
-    are then re-tokenised with the model's own tokenizer (``susc_core.data.retokenize``).
+    through ``susc_core.adapters`` (the families of ``adapters.hf.FAMILIES``): ``checkpoint`` is its
+    save_pretrained directory or .gguf file, or ``gguf_package`` + ``gguf_file`` name a GGUF shipped in an
+    installed package. ``tl`` is a TransformerLens ``HookedTransformer``: ``checkpoint`` is a directory
+    written by ``adapters.tl.save_tl`` (``tl_config.json`` + ``model.safetensors``, optionally
+    ``tokenizer.json``). The corpus documents are then re-tokenised with the model's own tokenizer
+    (``susc_core.data.retokenize``; tl without ``tokenizer.json``: the bundled one).
     """
 
-    checkpoint: str = "${asset:default_model.safetensors}"  # bundled: safetensors; hf: directory or .gguf
+    checkpoint: str = "${asset:default_model.safetensors}"  # bundled: safetensors; hf: directory or .gguf; tl: dir
     device: str = "auto"  # auto: CUDA when present, else CPU
-    adapter: str = "bundled"  # bundled | hf (TransformerLens models: run_adapter_unit from Python)
+    adapter: str = "bundled"  # bundled | hf | tl
     gguf_package: str | None = None  # hf: package whose folder holds the GGUF (found, never imported)
     gguf_file: str | None = None  # hf: GGUF file name inside that package (or inside a checkpoint directory)
     gguf_pip: str | None = None  # hf: pip requirement that installs gguf_package (named when it is missing)
     attn_implementation: str = "eager"  # hf: vmap has no batching rule for fused SDPA
-    shared_kv: bool = True  # hf GQA: a head holds the k/v rows of its KV group
+    shared_kv: bool = True  # hf, tl GQA: a head holds the k/v rows of its KV group
     loss_chunk_tokens: int = 256  # most token rows of the vocab logits held at once (256 is fastest on CPU)
     cuda_loss_chunk_tokens: int = 65536  # the same on a GPU (bundled model): whole chains per launch
     memory_budget_mib: int | None = None  # adapters: chains per gradient pass sized to fit this

@@ -22,7 +22,7 @@ import torch
 from torch.func import functional_call
 
 from susc_core.model.chunked_nll import chunked_nll
-from susc_core.model.components import HEAD_RE, expand_names
+from susc_core.model.components import FULL, expand_names, layer_names, parse_name
 
 Params = dict[str, torch.Tensor]
 Mask = dict[str, object]  # param name -> index expression or boolean mask
@@ -96,8 +96,9 @@ class _Bound(torch.nn.Module):
 
 class ModuleAdapter:
     """A ``ModelAdapter`` over an ``nn.Module``. Subclasses set ``n_layers``, ``n_heads``, ``d_vocab``,
-    ``n_ctx``, ``has_mlp`` and implement ``head_mask``, ``block_prefix``, ``mlp_prefix``,
-    ``named_params`` (whole-tensor components: embed, pos_embed, ln_final, unembed) and
+    ``n_ctx``, ``has_mlp`` and implement ``head_mask``, ``block_prefix``, ``mlp_prefix`` (one prefix of
+    parameter names, or a tuple of them), ``named_masks`` ({name: Mask} of the components that are not a
+    head or a block: embed, pos_embed, ln_final, unembed) and
     ``final_hidden(tokens [batch, seq]) -> (x [batch, seq, d_model], w_u [d_vocab, d_model], b_u | None)``
     computed with the module's live submodules."""
 
@@ -122,10 +123,10 @@ class ModuleAdapter:
     def block_prefix(self, layer: int) -> str:
         raise NotImplementedError
 
-    def mlp_prefix(self, layer: int) -> str:
+    def mlp_prefix(self, layer: int) -> str | tuple[str, ...]:
         raise NotImplementedError
 
-    def named_params(self) -> dict[str, list[str]]:
+    def named_masks(self) -> dict[str, Mask]:
         raise NotImplementedError
 
     def final_hidden(self, tokens: torch.Tensor):
@@ -161,21 +162,19 @@ class ModuleAdapter:
         return self._buffers_on[device]
 
     def component_names(self) -> list[str]:
-        names = [f"L{l}H{h}" for l in range(self.n_layers) for h in range(self.n_heads)]
-        for l in range(self.n_layers):
-            names += [f"L{l}"] + ([f"L{l}.mlp"] if self.has_mlp else [])
-        return names + list(self.named_params()) + ["full"]
+        return layer_names(self.n_layers, self.n_heads, self.has_mlp) + list(self.named_masks()) + [FULL]
 
     def component_mask(self, name: str) -> Mask:
         """{param name: index} of the coordinates component ``name`` moves (a concrete name, not a glob)."""
         if expand_names(self.component_names(), [name]) != [name]:
             raise ValueError(f"component_mask needs one concrete name, got the glob {name!r}")
         names = [n for n, _ in self.module.named_parameters()]
-        if (m := HEAD_RE.match(name)) is not None:
-            return self.head_mask(int(m.group(1)), int(m.group(2)))
-        if name == "full":
+        parsed = parse_name(name)
+        if parsed.kind == "head":
+            return self.head_mask(parsed.layer, parsed.head)
+        if parsed.kind == FULL:
             return dict.fromkeys(names, WHOLE)
-        if name in self.named_params():
-            return dict.fromkeys(self.named_params()[name], WHOLE)
-        prefix = self.mlp_prefix(int(name[1:-4])) if name.endswith(".mlp") else self.block_prefix(int(name[1:]))
+        if name in (named := self.named_masks()):
+            return named[name]
+        prefix = self.mlp_prefix(parsed.layer) if parsed.kind == "mlp" else self.block_prefix(parsed.layer)
         return {n: WHOLE for n in names if n.startswith(prefix)}
