@@ -159,3 +159,24 @@ def test_missing_inputs_say_what_to_install(tmp_path, hf_models, corpus_dir, mon
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install -e '\.\[hf\]'"):
         load_hf(hf_models["gpt2"])
+
+
+def test_unsupported_model_is_refused_before_the_run_folder_exists(tmp_path, corpus_dir):
+    """A BLOOM directory without its weights: the study names the model type and makes no run folder."""
+    import subprocess
+
+    transformers.BloomForCausalLM(transformers.BloomConfig(vocab_size=VOCAB_SIZE, n_layer=1, hidden_size=16,
+                                                           n_head=4)).save_pretrained(tmp_path / "bloom")
+    (tmp_path / "bloom" / "model.safetensors").unlink()
+    run_dir = tmp_path / "run"
+    out = subprocess.run([sys.executable, "-m", "workflows.study", "model.adapter=hf",
+                          f"model.checkpoint={tmp_path / 'bloom'}", f"data.corpus_dir={corpus_dir}",
+                          f"hydra.run.dir={run_dir}", "cluster=inprocess"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert out.returncode != 0
+    assert "model_type 'bloom' is not supported" in out.stderr
+    assert not run_dir.exists()
+    missing = subprocess.run([sys.executable, "-m", "workflows.study", f"model.checkpoint={tmp_path / 'none.safetensors'}",
+                              f"hydra.run.dir={run_dir}"], capture_output=True, text=True, timeout=300,
+                             cwd=Path(__file__).parents[1])
+    assert missing.returncode != 0 and "is not a file" in missing.stderr and not run_dir.exists()

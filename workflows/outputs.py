@@ -14,12 +14,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from susc_core.model.components import component_layer
-from susc_core.stats.estimators import convergence, llc, mixture_chi, per_token_chi
+from susc_core.model.components import FULL, component_layer
+from susc_core.analysis.standardize import zscore
+from susc_core.stats.estimators import convergence, llc, mixture_chi, per_token_chi, probe_means
 from susc_core.stats.diagnostics import MIN_DRAWS, ess
 from susc_core.stats.chain_stats import ChainStats
 
-FULL = "full"
 ESTIMATORS = {True: "chi_hat_xy", False: "chi_hat_xy restricted: -Cov_C[g, a] (no full run)"}  # by has-full
 
 
@@ -85,12 +85,6 @@ def token_table(keys: dict, chi: dict[str, np.ndarray], components: list[str], l
         _meta(components, layers, estimator=estimator))
 
 
-def zscore(values: np.ndarray) -> np.ndarray:
-    """Column-wise z-score [rows, cols] (a constant column stays 0)."""
-    std = values.std(axis=0)
-    return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
-
-
 class DatasetRun(NamedTuple):
     """The chains of an independent dataset-level run and the probe of each token they observed."""
 
@@ -112,7 +106,7 @@ def response_table(probe_names: list[str], token_probe: np.ndarray, half: np.nda
     """
     n_probes = len(probe_names)
     counts = np.bincount(token_probe, minlength=n_probes)
-    raw = np.stack([np.bincount(token_probe, weights=chi[c], minlength=n_probes) / counts for c in components], axis=1)
+    raw = np.stack([probe_means(chi[c], token_probe, n_probes) for c in components], axis=1)
     std = zscore(raw)
     records = []
     held_out = np.asarray(half) == "b"

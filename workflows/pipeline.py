@@ -20,7 +20,7 @@ import torch
 
 from susc_core.adapters.engine import adapter_preflight_curvature, run_adapter_unit
 from susc_core.adapters.load import AdapterSpec, load_adapter
-from susc_core.model.components import expand_names
+from susc_core.model.components import FULL, expand_names
 from susc_core.engine.seeds import study_generator
 from susc_core.engine.unit import NUMERICS_VERSION, preflight_curvature, run_unit
 from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measured_roles
@@ -173,10 +173,10 @@ class Sampled:
 
 def plan_study(cfg: StudyConfig, inputs: StudyInputs) -> StudyPlan:
     """Expand the component names and split (components × chains × probe shards) into work units."""
-    components = [c for c in expand_names(inputs.component_names, list(cfg.components.names)) if c != outputs.FULL]
+    components = [c for c in expand_names(inputs.component_names, list(cfg.components.names)) if c != FULL]
     if not components:
         raise ValueError(f"components.names={list(cfg.components.names)} selects no component besides 'full'")
-    planned = components + ([outputs.FULL] if cfg.components.include_full else [])
+    planned = components + ([FULL] if cfg.components.include_full else [])
     units = plan_units(planned, cfg.sampler.n_chains, cfg.units.probe_shards, cfg.units.components_per_unit,
                        cfg.units.chains_per_unit, _fingerprint(cfg, inputs))
     return StudyPlan(components, planned, units)
@@ -209,7 +209,7 @@ def reduce_tables(cfg: StudyConfig, inputs: StudyInputs, plan: StudyPlan, sample
     chi, se = outputs.per_token(stats, components)
     probe_names = list(dict.fromkeys(keys["probe"]))
     token_probe = np.asarray([probe_names.index(p) for p in keys["probe"]])
-    estimator = outputs.ESTIMATORS[outputs.FULL in stats]
+    estimator = outputs.ESTIMATORS[FULL in stats]
     if cfg.perturbation.family == "tokens":
         rng = study_generator(cfg.seed, "tokens:rows")
         per_probe = [np.flatnonzero(token_probe == i) for i in range(len(probe_names))]
@@ -266,7 +266,7 @@ def _summary(run_dir: Path, sampled: Sampled, start: float) -> dict:
     return {
         "run_dir": str(run_dir), "units_total": report.total, "units_cached": report.cached,
         "units_computed": report.computed, "units_seconds": report.seconds, "wall_s": time.perf_counter() - start,
-        "llc_full": next((r["llc_run"] for r in rows if r["component"] == outputs.FULL), float("nan")),
+        "llc_full": next((r["llc_run"] for r in rows if r["component"] == FULL), float("nan")),
         "n_diverged": sum(r["diverged"] for r in rows), "n_excluded": sum(r["excluded"] for r in rows),
         "max_rhat": float(np.nanmax(sampled.diagnostics["rhat"].to_numpy())),
         "peak_rss_mib_units": report.peak_rss_mib, "peak_cuda_mib_units": report.peak_cuda_mib,

@@ -14,22 +14,56 @@ import hydra
 import pyarrow as pa
 import pyarrow.parquet as pq
 from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
+from susc_core.adapters.load import check_supported
+from susc_core.model.checkpoint import CheckpointError
 from workflows.pipeline import check_dataset_level, run_study
 from workflows.runtime import get_logger, register_resolvers
-from workflows.study_config import StudyConfig, register
-from workflows.study_data import load_inputs
+from workflows.study_config import ModelSection, StudyConfig, register
+from workflows.study_data import adapter_spec, load_inputs
 
 log = get_logger("study")
 register()
 register_resolvers()
 
 
+def check_model(model: ModelSection) -> None:
+    """Refuse a model the study cannot run from what names it, before any weight is read: a bundled
+    checkpoint that is not a file, an adapter model whose config the adapters do not support."""
+    if model.adapter == "bundled":
+        if not Path(model.checkpoint).is_file():
+            raise CheckpointError(f"model.checkpoint={model.checkpoint} is not a file; give the .safetensors "
+                                  "checkpoint of this project's model (or model.adapter=hf / tl for other models)")
+        return
+    check_supported(adapter_spec(model))
+
+
+class CheckModelFirst(Callback):
+    """Hydra callback (conf/study.yaml): ``check_model`` before Hydra makes the run folder or the sweep
+    folder, so a model the study cannot run leaves no empty run behind. Hydra turns a callback's exception
+    into a warning, so a refusal exits (``SystemExit``, status 1) with the error's message."""
+
+    @staticmethod
+    def _check(config: DictConfig) -> None:
+        try:
+            check_model(OmegaConf.to_object(config.model))
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as err:
+            raise SystemExit(f"study refused: {type(err).__name__}: {err}") from err
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        self._check(config)
+
+
 def run(cfg: StudyConfig, resolved: dict | None = None) -> dict:
     """Run the study ``cfg`` names; returns its summary (also the sweep-summary row). ``resolved``: the
     config as a dict, for the manifest."""
     check_dataset_level(cfg)  # before the model and corpus are read
+    check_model(cfg.model)
     return run_study(cfg, load_inputs(cfg), resolved)
 
 

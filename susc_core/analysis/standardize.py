@@ -21,6 +21,13 @@ class Standardization(NamedTuple):
     scale: np.ndarray
 
 
+def zscore(values: np.ndarray) -> np.ndarray:
+    """Column-wise z-score of ``values`` [rows, cols] with the population standard deviation; a constant
+    column becomes 0 (e.g. the response matrix's ``chi_std`` over probes when there is one probe)."""
+    std = values.std(axis=0)
+    return (values - values.mean(axis=0)) / np.where(std > 0, std, 1.0)
+
+
 def standardize(chi: np.ndarray, method: str = "zscore",
                 components: Sequence[str] | None = None) -> tuple[np.ndarray, Standardization]:
     """Standardise each column of ``chi`` [n_tokens, n_components] over tokens.
@@ -41,14 +48,13 @@ def standardize(chi: np.ndarray, method: str = "zscore",
                          "(see finite_components) or rerun them")
     center = chi.mean(axis=0)
     if method == "center":
-        scale = np.ones_like(center)
-    else:
-        scale = chi.std(axis=0)
-        flat = [names[j] for j in np.flatnonzero(scale == 0)]
-        if flat:
-            raise ValueError(f"components {flat} are constant over tokens, so a z-score is "
-                             "undefined; drop them or use standardize='center'")
-    return (chi - center) / scale, Standardization(center, scale)
+        return chi - center, Standardization(center, np.ones_like(center))
+    scale = chi.std(axis=0)
+    flat = [names[j] for j in np.flatnonzero(scale == 0)]
+    if flat:
+        raise ValueError(f"components {flat} are constant over tokens, so a z-score is "
+                         "undefined; drop them or use standardize='center'")
+    return zscore(chi), Standardization(center, scale)
 
 
 def finite_components(chi: np.ndarray, components: Sequence[str]) -> tuple[list[str], list[str]]:
