@@ -45,13 +45,15 @@ def _unit(job: tuple) -> tuple:
     """One study unit (every component, one chain) in a worker process: (mode, repeat, chain, stats, seconds)."""
     import torch
 
+    from susc_core.engine.inputs import UnitContexts
     from susc_core.engine.unit import run_unit
 
     mode, repeat, chain, seed, inputs, components, sampler = job
     torch.set_num_threads(1)
     start = time.perf_counter()
-    stats = run_unit(inputs["model_cfg"], inputs["w_star"], components, [chain], sampler, inputs["train"],
-                     inputs["obs"], inputs["probe"], seed, chunk_tokens=inputs["chunk_tokens"])
+    contexts = UnitContexts(inputs["train"], inputs["obs"], inputs["probe"])
+    stats = run_unit(inputs["model_cfg"], inputs["w_star"], components, [chain], sampler, contexts, seed,
+                     chunk_tokens=inputs["chunk_tokens"])
     return mode, repeat, chain, stats, time.perf_counter() - start
 
 

@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import model, sync  # noqa: E402
+from susc_core.engine.inputs import UnitContexts  # noqa: E402
 from susc_core.engine.memory import peak_memory_mib, reset_peak_memory  # noqa: E402
 from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
@@ -54,7 +55,7 @@ def one_point(tokens: int, draws: int, components: list[str], device: str) -> di
     before = torch.cuda.memory_allocated() / 2**20 if kind == "cuda" else peak_memory_mib("cpu")
     sync(device)
     start = time.perf_counter()
-    run_unit(cfg, params, components, [0], sampler, train, obs, probe, seed=0, device=device, chunk_tokens=chunk)
+    run_unit(cfg, params, components, [0], sampler, UnitContexts(train, obs, probe), seed=0, device=device, chunk_tokens=chunk)
     sync(device)
     return {"tokens": probe[:, 1:].numel(), "draws": draws, "wall_s": time.perf_counter() - start,
             "memory_before_mib": before, "memory_peak_mib": peak_memory_mib(kind)}

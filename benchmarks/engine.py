@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from susc_core.engine.inputs import UnitContexts  # noqa: E402
 from susc_core.model.checkpoint import load_model  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
 from susc_core.engine.lowrank import applies as lowrank_applies  # noqa: E402
@@ -153,15 +154,15 @@ def timed_unit(*args, **kwargs):
     return time.perf_counter() - start, out
 
 
-def sequential_seconds(cfg, params, sampler, train, obs, probe, device,
+def sequential_seconds(cfg, params, sampler, contexts: UnitContexts, device,
                        chunk_tokens: int) -> tuple[float, dict[str, float]]:
     """Seconds of the sequential reference plan for every head + full (all chains and draws of ``sampler``):
     one head per layer and the full run are timed whole (after a warm-up), each head's time stands for its
     layer's heads. Returns (total seconds, seconds per chain·draw of each timed component)."""
-    run_unit(cfg, params, ["L0H0"], [0], SamplerConfig(**{**sampler.__dict__, "n_draws": 1}), train, obs, probe,
+    run_unit(cfg, params, ["L0H0"], [0], SamplerConfig(**{**sampler.__dict__, "n_draws": 1}), contexts,
              seed=0, device=device, mode="reference", chunk_tokens=chunk_tokens)  # warm-up
     chains = list(range(sampler.n_chains))
-    seconds = {name: timed_unit(cfg, params, [name], chains, sampler, train, obs, probe, seed=0, device=device,
+    seconds = {name: timed_unit(cfg, params, [name], chains, sampler, contexts, seed=0, device=device,
                                 mode="reference", chunk_tokens=chunk_tokens)[0]
                for name in [f"L{l}H0" for l in range(cfg.n_layers)] + ["full"]}
     total = sum(cfg.n_heads * seconds[f"L{l}H0"] for l in range(cfg.n_layers)) + seconds["full"]
@@ -200,13 +201,14 @@ def main():
     train = torch.randint(0, cfg.d_vocab, (256, seq + 1), generator=gen)
     obs = torch.randint(0, cfg.d_vocab, (args.obs, seq + 1), generator=gen)
     probe = torch.randint(0, cfg.d_vocab, (args.probe, seq + 1), generator=gen)
+    contexts = UnitContexts(train, obs, probe)
     sampler = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, n_chains=4, n_draws=args.draws, batch_size=16)
     heads = [f"L{l}H{h}" for l in range(cfg.n_layers) for h in range(cfg.n_heads)]
     chains = list(range(sampler.n_chains))
     if args.memory_child:
         reset_peak_memory(args.device)
         run_unit(cfg, params, ["L*H*", "full"], chains, SamplerConfig(**{**sampler.__dict__, "n_draws": args.memory_child}),
-                 train, obs, probe, seed=0, device=args.device, chunk_tokens=args.chunk_tokens)
+                 contexts, seed=0, device=args.device, chunk_tokens=args.chunk_tokens)
         print(peak_memory_mib(args.device))
         return
     peak_size = args.peak_size or default_peak_size(args.device)
@@ -216,21 +218,21 @@ def main():
     bf16 = SamplerConfig(**{**sampler.__dict__, "forward_dtype": "bfloat16"})
     for timed in (sampler, bf16):  # warm-up of each precision: kernels, handles and allocator pools stay out
         run_unit(cfg, params, ["L0H*", f"L{cfg.n_layers - 1}H*", "full"], [0],
-                 SamplerConfig(**{**timed.__dict__, "n_draws": 1}), train, obs, probe, seed=0, device=args.device,
+                 SamplerConfig(**{**timed.__dict__, "n_draws": 1}), contexts, seed=0, device=args.device,
                  chunk_tokens=args.chunk_tokens)
     everything = heads + ["full"]
-    t_batched, _ = timed_unit(cfg, params, everything, chains, sampler, train, obs, probe, seed=0, device=args.device,
+    t_batched, _ = timed_unit(cfg, params, everything, chains, sampler, contexts, seed=0, device=args.device,
                               chunk_tokens=args.chunk_tokens)
     shared = SamplerConfig(**{**sampler.__dict__, "share_minibatches": True})
-    t_shared, _ = timed_unit(cfg, params, everything, chains, shared, train, obs, probe, seed=0, device=args.device,
+    t_shared, _ = timed_unit(cfg, params, everything, chains, shared, contexts, seed=0, device=args.device,
                              chunk_tokens=args.chunk_tokens)
-    t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, train, obs, probe, args.device, args.chunk_tokens)
+    t_seq, per_chain_draw = sequential_seconds(cfg, params, sampler, contexts, args.device, args.chunk_tokens)
     cpu_reference = {}
     if args.cpu_sequential_threads and torch.device(args.device).type != "cpu":
         gpu_threads = torch.get_num_threads()
         torch.set_num_threads(args.cpu_sequential_threads)
         args.cpu_chunk_tokens = args.cpu_chunk_tokens or args.chunk_tokens
-        t_cpu, per_chain_draw_cpu = sequential_seconds(cfg, params, sampler, train, obs, probe, "cpu",
+        t_cpu, per_chain_draw_cpu = sequential_seconds(cfg, params, sampler, contexts, "cpu",
                                                        args.cpu_chunk_tokens)
         torch.set_num_threads(gpu_threads)
         cpu_reference = {"cpu_sequential_threads": args.cpu_sequential_threads,
@@ -238,7 +240,7 @@ def main():
                          "cpu_sequential_units_per_s": units / t_cpu,
                          "cpu_sequential_s_per_chain_draw": per_chain_draw_cpu,
                          "speedup_vs_cpu_sequential": t_cpu / t_batched}
-    t_bf16, _ = timed_unit(cfg, params, everything, chains, bf16, train, obs, probe, seed=0, device=args.device,
+    t_bf16, _ = timed_unit(cfg, params, everything, chains, bf16, contexts, seed=0, device=args.device,
                            chunk_tokens=args.chunk_tokens)
     n_obs_tokens = (args.obs + args.probe) * seq
     head_layers = [l for l in range(cfg.n_layers) for _ in range(cfg.n_heads)]

@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.engine import model  # noqa: E402
+from susc_core.engine.inputs import UnitContexts  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
 from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 from workflows.study_config import ModelSection  # noqa: E402
@@ -50,11 +51,11 @@ def main():
     key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
     wall = {}
     for mode in ("batched", "reference"):
-        run_unit(cfg, params, args.components, chains, sampler, train, obs, probe, seed=0, device=args.device,
+        run_unit(cfg, params, args.components, chains, sampler, UnitContexts(train, obs, probe), seed=0, device=args.device,
                  mode=mode, chunk_tokens=args.chunk_tokens)  # warm-up
         with profile(activities=activities) as prof:
             start = time.perf_counter()
-            run_unit(cfg, params, args.components, chains, sampler, train, obs, probe, seed=0, device=args.device,
+            run_unit(cfg, params, args.components, chains, sampler, UnitContexts(train, obs, probe), seed=0, device=args.device,
                      mode=mode, chunk_tokens=args.chunk_tokens)
             wall[mode] = time.perf_counter() - start
         print(f"== {mode}: {wall[mode]:.3f} s wall, {args.components} x {args.chains} chains x {args.draws} draws")

@@ -26,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.engine import matmul_peak, model, unit_flops  # noqa: E402
+from susc_core.engine.inputs import UnitContexts  # noqa: E402
 from susc_core.engine.unit import run_unit  # noqa: E402
 from susc_core.engine.sgld import SamplerConfig  # noqa: E402
 from susc_core.model.components import component  # noqa: E402
@@ -93,9 +94,9 @@ def main():
     sampler = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, n_chains=4, n_draws=args.draws,
                             batch_size=BATCH)
     warm = SamplerConfig(**{**sampler.__dict__, "n_draws": 1})
-    run_unit(cfg, params, ["L0H0", "full"], [0], warm, train, obs, probe, seed=0, chunk_tokens=chunk)
+    run_unit(cfg, params, ["L0H0", "full"], [0], warm, UnitContexts(train, obs, probe), seed=0, chunk_tokens=chunk)
     start = time.perf_counter()
-    run_unit(cfg, params, names + ["full"], list(range(sampler.n_chains)), sampler, train, obs, probe, seed=0,
+    run_unit(cfg, params, names + ["full"], list(range(sampler.n_chains)), sampler, UnitContexts(train, obs, probe), seed=0,
              chunk_tokens=chunk)
     ours = time.perf_counter() - start
     run_devinterp(cfg, params, train, obs, probe, warm, names[:1])

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import vmap
 
+from susc_core.engine.inputs import UnitContexts
 from susc_core.model import transformer as M
 from susc_core.adapters.base import flat_indices, gather, scatter
 from susc_core.model.chunked_nll import chunked_nll
@@ -336,7 +337,7 @@ def test_per_token_loss_equals_model_loss(name):
 
 def test_unknown_component_and_globs(llama):
     with pytest.raises(ValueError, match=r"unknown component 'L9H0'.*valid names: L0H0, L0H1"):
-        run_adapter_unit(llama, ["L9H0"], [0], SamplerConfig(1e-3, 10, 100), _tokens(), _tokens(), _tokens(),
+        run_adapter_unit(llama, ["L9H0"], [0], SamplerConfig(1e-3, 10, 100), UnitContexts(_tokens(), _tokens(), _tokens()),
                          seed=0)
     with pytest.raises(ValueError, match="unknown component 'pos_embed'"):
         llama.component_mask("pos_embed")  # Llama has rotary positions, no learned embedding
@@ -362,8 +363,8 @@ def _assert_same_stats(x, y, atol=1e-6):
 
 def test_chain_alone_equals_chain_in_group(llama, device):
     train, obs, probe = _contexts()
-    group = run_adapter_unit(llama, ["L1H1", "L0.mlp"], [0, 1, 2], _sampler(), train, obs, probe, seed=5, device=device)
-    alone = run_adapter_unit(llama, ["L0.mlp"], [1], _sampler(), train, obs, probe, seed=5, device=device)
+    group = run_adapter_unit(llama, ["L1H1", "L0.mlp"], [0, 1, 2], _sampler(), UnitContexts(train, obs, probe), seed=5, device=device)
+    alone = run_adapter_unit(llama, ["L0.mlp"], [1], _sampler(), UnitContexts(train, obs, probe), seed=5, device=device)
     _assert_same_stats(group["L0.mlp", 1], alone["L0.mlp", 1])
     assert group["L1H1", 0].count == 3 and np.any(group["L1H1", 0].g_trace != 0)
     assert not np.allclose(group["L1H1", 0].g_trace, group["L1H1", 1].g_trace)  # distinct noise streams
@@ -379,8 +380,8 @@ def test_memory_budget_chunks_chains_without_changing_results(gpt2):
     assert fit_big > 3
     with pytest.raises(ValueError, match="memory_budget_mib=1e-06 is below"):
         chains_per_pass_for_budget(group, w_star, batch, memory_budget_mib=1e-6)
-    whole = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2), train, obs, probe, seed=2)
-    split = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2, chains_per_pass=1), train, obs, probe,
+    whole = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2), UnitContexts(train, obs, probe), seed=2)
+    split = run_adapter_unit(gpt2, ["L0H1"], [0, 1], _sampler(n_draws=2, chains_per_pass=1), UnitContexts(train, obs, probe),
                              seed=2)
     for c in range(2):
         _assert_same_stats(whole["L0H1", c], split["L0H1", c])
@@ -395,8 +396,8 @@ def test_bundled_adapter_reproduces_engine_run_unit():
     torch.testing.assert_close(adapter.per_token_loss(adapter.params(), tokens), M.per_token_loss(w_star, cfg, tokens))
     train, obs, probe = _contexts()
     names = ["L1H*", "full"]
-    ours = run_adapter_unit(adapter, names, [0, 1], _sampler(), train, obs, probe, seed=3)
-    engine = run_unit(cfg, w_star, names, [0, 1], _sampler(), train, obs, probe, seed=3, chunk_tokens=16)
+    ours = run_adapter_unit(adapter, names, [0, 1], _sampler(), UnitContexts(train, obs, probe), seed=3)
+    engine = run_unit(cfg, w_star, names, [0, 1], _sampler(), UnitContexts(train, obs, probe), seed=3, chunk_tokens=16)
     assert set(ours) == set(engine)
     for key in engine:
         _assert_same_stats(ours[key], engine[key], atol=2e-6)
@@ -404,8 +405,8 @@ def test_bundled_adapter_reproduces_engine_run_unit():
 
 def test_bfloat16_forward_keeps_fp32_reference(llama, device):
     train, obs, probe = _contexts()
-    fp32 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(), train, obs, probe, seed=1, device=device)
-    bf16 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(forward_dtype="bfloat16"), train, obs, probe, seed=1,
+    fp32 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(), UnitContexts(train, obs, probe), seed=1, device=device)
+    bf16 = run_adapter_unit(llama, ["L1H0"], [0], _sampler(forward_dtype="bfloat16"), UnitContexts(train, obs, probe), seed=1,
                             device=device)
     a, b = fp32["L1H0", 0], bf16["L1H0", 0]
     assert a.loss_star == b.loss_star and np.all(np.isfinite(b.g_trace))

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from susc_core.engine.inputs import UnitContexts
 from susc_core.model.components import component, gather, scatter
 from susc_core.engine.chains import chain_rows, pass_rows, reference_values, sample_chains
 from susc_core.engine.seeds import chain_streams
@@ -40,8 +41,8 @@ def test_batched_equals_sequential_reference(cfg, share, device):
     params, (train, obs, probe) = _setup(cfg)
     sampler = SamplerConfig(**{**SAMPLER.__dict__, "share_minibatches": share})
     names = ["L*H*", "L1", "embed", "unembed", "full"] + (["L0.mlp"] if cfg.d_mlp else [])
-    batched = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3, device=device)
-    reference = run_unit(cfg, params, names, [0, 1], sampler, train, obs, probe, seed=3, device=device,
+    batched = run_unit(cfg, params, names, [0, 1], sampler, UnitContexts(train, obs, probe), seed=3, device=device)
+    reference = run_unit(cfg, params, names, [0, 1], sampler, UnitContexts(train, obs, probe), seed=3, device=device,
                          mode="reference")
     _assert_same(batched, reference)
     assert len(batched) == 2 * (4 + 4 + bool(cfg.d_mlp))
@@ -51,10 +52,10 @@ def test_batched_equals_sequential_reference(cfg, share, device):
 
 def test_chain_statistics_do_not_depend_on_grouping(device):
     params, (train, obs, probe) = _setup(CFG)
-    together = run_unit(CFG, params, ["L1H*", "L0H1"], [0, 1, 2], SAMPLER, train, obs, probe, seed=5, device=device)
-    alone = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=5, device=device)
+    together = run_unit(CFG, params, ["L1H*", "L0H1"], [0, 1, 2], SAMPLER, UnitContexts(train, obs, probe), seed=5, device=device)
+    alone = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, UnitContexts(train, obs, probe), seed=5, device=device)
     _assert_same({("L1H1", 2): together[("L1H1", 2)]}, alone)
-    other_seed = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, train, obs, probe, seed=6, device=device)
+    other_seed = run_unit(CFG, params, ["L1H1"], [2], SAMPLER, UnitContexts(train, obs, probe), seed=6, device=device)
     assert not np.allclose(other_seed[("L1H1", 2)].g_trace, alone[("L1H1", 2)].g_trace)
     assert not np.allclose(together[("L1H1", 0)].g_trace, together[("L1H1", 1)].g_trace)
 
@@ -63,24 +64,24 @@ def test_divergence_policies(device):
     params, (train, obs, probe) = _setup(CFG)
     wild = SamplerConfig(**{**SAMPLER.__dict__, "step_size": 0.5, "gamma": 1.0, "nbeta": 1e4, "blowup_nats": 1.0})
     with pytest.raises(RuntimeError, match="diverged"):
-        run_unit(CFG, params, ["full"], [0], wild, train, obs, probe, seed=1, device=device)
+        run_unit(CFG, params, ["full"], [0], wild, UnitContexts(train, obs, probe), seed=1, device=device)
     with pytest.warns(RuntimeWarning, match="diverged"):
         out = run_unit(CFG, params, ["full"], [0], SamplerConfig(**{**wild.__dict__, "divergence_policy": "drop"}),
-                       train, obs, probe, seed=1, device=device)
+                       UnitContexts(train, obs, probe), seed=1, device=device)
     assert out[("full", 0)].diverged and 1 <= out[("full", 0)].diverged_step <= wild.n_steps
 
 
 def test_bad_inputs_are_named():
     params, (train, obs, probe) = _setup(CFG)
     with pytest.raises(ValueError, match="unknown component 'L5H0'"):
-        run_unit(CFG, params, ["L5H0"], [0], SAMPLER, train, obs, probe, seed=1)
+        run_unit(CFG, params, ["L5H0"], [0], SAMPLER, UnitContexts(train, obs, probe), seed=1)
     with pytest.raises(ValueError, match="same length"):
-        run_unit(CFG, params, ["full"], [0], SAMPLER, train, obs[:, :4], probe, seed=1)
+        run_unit(CFG, params, ["full"], [0], SAMPLER, UnitContexts(train, obs[:, :4], probe), seed=1)
     with pytest.raises(ValueError, match="probe_contexts holds token ids"):
-        run_unit(CFG, params, ["full"], [0], SAMPLER, train, obs, probe + 100, seed=1)
+        run_unit(CFG, params, ["full"], [0], SAMPLER, UnitContexts(train, obs, probe + 100), seed=1)
     with pytest.raises(ValueError, match="batch_size"):
         run_unit(CFG, params, ["full"], [0], SamplerConfig(**{**SAMPLER.__dict__, "batch_size": 99}),
-                 train, obs, probe, seed=1)
+                 UnitContexts(train, obs, probe), seed=1)
 
 
 def _fused_case(lowrank: bool, device="cpu"):
@@ -213,9 +214,9 @@ def test_bf16_forward_stays_near_fp32(device):
     """forward_dtype=bfloat16 (autocast) runs every group and keeps losses and gradients in fp32 sums."""
     params, (train, obs, probe) = _setup(CFG_MLP)
     names = ["L*H*", "L1", "full"]
-    fp32 = run_unit(CFG_MLP, params, names, [0], SAMPLER, train, obs, probe, seed=2, device=device)
+    fp32 = run_unit(CFG_MLP, params, names, [0], SAMPLER, UnitContexts(train, obs, probe), seed=2, device=device)
     bf16 = run_unit(CFG_MLP, params, names, [0], SamplerConfig(**{**SAMPLER.__dict__, "forward_dtype": "bfloat16"}),
-                    train, obs, probe, seed=2, device=device)
+                    UnitContexts(train, obs, probe), seed=2, device=device)
     for key in fp32:
         assert np.isfinite(bf16[key].g_trace).all() and not bf16[key].diverged
         np.testing.assert_allclose(bf16[key].a_star, fp32[key].a_star)  # references are always fp32
@@ -255,9 +256,9 @@ def test_independent_chains_of_a_component_read_different_minibatches():
     params, (train, obs, probe) = _setup(CFG)
     spy = _Spy(CachedGroup(params, CFG, component(CFG, "L1"), CHUNK))
     streams = chain_streams(0, [("L1", 0), ("L1", 1)], False, len(train), SAMPLER.n_steps, SAMPLER.batch_size, "cpu")
-    ref = reference_values(lambda t: per_token_loss(params, CFG, t), obs, probe, CHUNK)
+    ref = reference_values(lambda t: per_token_loss(params, CFG, t), UnitContexts(train, obs, probe), CHUNK)
     w0 = gather(params, component(CFG, "L1"))
-    sample_chains(spy, w0, streams, train, obs, probe, ref, SAMPLER, CHUNK)
+    sample_chains(spy, w0, streams, UnitContexts(train, obs, probe), ref, SAMPLER, CHUNK)
     assert len(spy.seen) == SAMPLER.n_steps and all(seen.shape[0] == 2 for seen in spy.seen)
     for step, seen in enumerate(spy.seen):
         torch.testing.assert_close(seen[0], train[streams.schedule[step, :4]], rtol=0, atol=0)
@@ -269,7 +270,7 @@ def test_independent_chains_are_reproducible_and_their_se_is_the_across_chain_fo
     params, (train, obs, probe) = _setup(CFG)
     sampler = SamplerConfig(**{**SAMPLER.__dict__, "n_draws": 6})
     assert not sampler.share_minibatches  # the default
-    runs = [run_unit(CFG, params, ["L1H0", "full"], [0, 1, 2], sampler, train, obs, probe, seed=4) for _ in range(2)]
+    runs = [run_unit(CFG, params, ["L1H0", "full"], [0, 1, 2], sampler, UnitContexts(train, obs, probe), seed=4) for _ in range(2)]
     for key in runs[0]:
         assert np.array_equal(runs[0][key].g_trace, runs[1][key].g_trace)
         assert np.array_equal(runs[0][key].sum_ga, runs[1][key].sum_ga)

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from susc_core.engine.inputs import UnitContexts
 from susc_core.engine.chains import reference_values, sample_chains
 from susc_core.engine.seeds import chain_streams
 from susc_core.engine.sgld import SamplerConfig
@@ -91,11 +92,11 @@ def _run(coords: list[int], u, h, n_probe: int, seed: int):
     train = torch.zeros(8, 2, dtype=torch.long)  # contexts [N, S+1] = [token 0, token 0]
     obs = torch.zeros(2, 2, dtype=torch.long)
     probe = torch.stack([torch.zeros(n_probe, dtype=torch.long), torch.arange(1, n_probe + 1)], dim=1)
-    ref = reference_values(lambda t: group.losses(torch.zeros(1, len(coords)), None, t[None])[0], obs, probe, 64)
+    ref = reference_values(lambda t: group.losses(torch.zeros(1, len(coords)), None, t[None])[0], UnitContexts(train, obs, probe), 64)
     members = [("C" + "".join(map(str, coords)), c) for c in range(SAMPLER.n_chains)]
     streams = chain_streams(seed, members, SAMPLER.share_minibatches, len(train), SAMPLER.n_steps,
                             SAMPLER.batch_size, "cpu")
-    acc = sample_chains(group, torch.zeros(len(coords)), streams, train, obs, probe, ref, SAMPLER, 64)
+    acc = sample_chains(group, torch.zeros(len(coords)), streams, UnitContexts(train, obs, probe), ref, SAMPLER, 64)
     return to_chain_stats(acc, float(ref.loss_star), ref.a_star.numpy())
 
 

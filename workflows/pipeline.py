@@ -21,6 +21,7 @@ import torch
 from susc_core.adapters.engine import adapter_preflight_curvature, run_adapter_unit
 from susc_core.adapters.load import AdapterSpec, load_adapter
 from susc_core.model.components import FULL, expand_names
+from susc_core.engine.inputs import UnitContexts
 from susc_core.engine.seeds import study_generator
 from susc_core.engine.unit import NUMERICS_VERSION, preflight_curvature, run_unit
 from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measured_roles
@@ -54,8 +55,8 @@ def unit_task(unit: WorkUnit, shared: dict) -> dict:
 
     The bundled model's weights travel in ``shared``; an adapter model travels as its ``AdapterSpec``
     (or as the adapter itself, for a model built in memory)."""
-    args = (list(unit.components), list(unit.chains), shared["sampler"], shared["train"], shared["obs"],
-            shared["probe_shards"][unit.shard], shared["seed"])
+    contexts = UnitContexts(shared["train"], shared["obs"], shared["probe_shards"][unit.shard])
+    args = (list(unit.components), list(unit.chains), shared["sampler"], contexts, shared["seed"])
     device = resolve_device(shared["device"])  # resolved where the unit runs
     if shared["adapter"] is None:
         stats = run_unit(shared["model_cfg"], shared["w_star"], *args, device=device,

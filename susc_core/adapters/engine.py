@@ -19,9 +19,9 @@ import torch
 from torch.func import vmap
 
 from susc_core.engine.chains import PlannedGroup, Rows, chain_rows, pass_rows, reference_values, sample_plan
-from susc_core.engine.unit import check_contexts
+from susc_core.engine.inputs import UnitContexts, check_contexts, master_weights
 from susc_core.engine.memory import MIB, peak_memory_mib
-from susc_core.engine.stability import preflight_batch, top_curvature
+from susc_core.engine.stability import preflight
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
 from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
@@ -84,13 +84,11 @@ def chains_per_pass_for_budget(group: AdapterGroup, w_star: torch.Tensor, tokens
 
 
 def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
-                     train_contexts: torch.Tensor, obs_contexts: torch.Tensor, probe_contexts: torch.Tensor,
-                     seed: int, device: torch.device | str = "cpu",
+                     contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
                      memory_budget_mib: float | None = None) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
-    train_contexts [N, L+1]: minibatches are drawn from it; obs_contexts [M, L+1]: the fixed baseline
-    contexts of L_n and g; probe_contexts [P, L+1]: the probe tokens, T = P * L in row-major order.
+    contexts: the unit's training pool, observable and probe contexts (``UnitContexts``).
     memory_budget_mib: when given, each component's chains per gradient pass are sized to fit it
     (``chains_per_pass_for_budget``), replacing ``sampler.chains_per_pass``. ``sampler.forward_dtype``
     "bfloat16" runs the gradient forward under autocast; master weights and observables stay fp32.
@@ -101,10 +99,10 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
         raise ValueError(f"chains must be distinct non-negative indices, got {chains}")
     names = expand_names(adapter.component_names(), components)
     device = torch.device(device)
-    params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
-    train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
-    check_contexts(adapter, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
-    ref = reference_values(partial(adapter.per_token_loss, params), obs, probe, adapter.loss_chunk_tokens)
+    params = master_weights(adapter.params(), device)
+    contexts = contexts.to(device)
+    contexts.check(adapter)
+    ref = reference_values(partial(adapter.per_token_loss, params), contexts, adapter.loss_chunk_tokens)
     plan = []
     for name in names:
         index = flat_indices(adapter.component_mask(name), params)
@@ -112,12 +110,12 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
         w_star = gather(params, index)
         run_sampler = sampler
         if memory_budget_mib is not None:
-            fit = chains_per_pass_for_budget(group, w_star, train[: sampler.batch_size].unsqueeze(0),
+            fit = chains_per_pass_for_budget(group, w_star, contexts.train[: sampler.batch_size].unsqueeze(0),
                                              memory_budget_mib)
             run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
             log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
         plan.append(PlannedGroup(group, [(name, c) for c in chains], w_star, run_sampler))
-    results = sample_plan(plan, train, obs, probe, ref, seed, adapter.loss_chunk_tokens, sampler.divergence_policy)
+    results = sample_plan(plan, contexts, ref, seed, adapter.loss_chunk_tokens, sampler.divergence_policy)
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
     return results
 
@@ -129,14 +127,11 @@ def adapter_preflight_curvature(adapter: ModelAdapter, components: list[str], tr
     loss restricted to the component at w*}, one ``AdapterGroup`` per component."""
     names = expand_names(adapter.component_names(), components)
     device = torch.device(device)
-    params = {k: v.to(device, torch.float32) for k, v in adapter.params().items()}
+    params = master_weights(adapter.params(), device)
     train = train_contexts.to(device, torch.long)
     check_contexts(adapter, train_contexts=train)
-    tokens, generator = preflight_batch(train, n_contexts, seed)
-    out = {}
+    stacks = []
     for name in names:
         index = flat_indices(adapter.component_mask(name), params)
-        w_star = gather(params, index)[None]
-        out[name] = float(top_curvature(AdapterGroup(adapter, params, index), w_star, tokens, n_iter, fd_step,
-                                        generator)[0])
-    return out
+        stacks.append((AdapterGroup(adapter, params, index), [name], gather(params, index)[None]))
+    return preflight(stacks, train, n_contexts, n_iter, fd_step, seed)

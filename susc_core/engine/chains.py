@@ -22,6 +22,7 @@ from susc_core.stats.accumulator import Accumulator, add_draw, init_accumulator,
 from susc_core.stats.chain_stats import ChainStats
 from susc_core.stats.diagnostics import enforce_divergence_policy
 from susc_core.engine import sgld
+from susc_core.engine.inputs import UnitContexts
 from susc_core.engine.seeds import ChainStreams, chain_streams
 from susc_core.engine.sgld import SamplerConfig
 
@@ -59,17 +60,17 @@ def context_chunks(n_contexts: int, seq_len: int, chunk_tokens: int) -> list[sli
 
 
 @torch.no_grad()
-def reference_values(per_token_loss: Callable[[torch.Tensor], torch.Tensor], obs: torch.Tensor, probe: torch.Tensor,
+def reference_values(per_token_loss: Callable[[torch.Tensor], torch.Tensor], contexts: UnitContexts,
                      chunk_tokens: int) -> Reference:
-    """L_n(w*) on obs [M, S+1] and A*_t on every token of probe [P, S+1] (T = P * S, row-major).
+    """L_n(w*) on the observable contexts and A*_t on every probe token (``UnitContexts``: T = P * S, row-major).
 
     per_token_loss: contexts [n, S+1] -> [n, S] nats at w*, fed at most ``chunk_tokens`` tokens at a time.
     """
     def all_losses(tokens):
         chunks = context_chunks(len(tokens), tokens.shape[1] - 1, chunk_tokens)
         return torch.cat([per_token_loss(tokens[c]) for c in chunks])
-    loss_star = all_losses(obs).mean()
-    return Reference(loss_star, all_losses(probe).reshape(-1) - loss_star)
+    loss_star = all_losses(contexts.obs).mean()
+    return Reference(loss_star, all_losses(contexts.probe).reshape(-1) - loss_star)
 
 
 def pass_rows(token_rows: torch.Tensor, chains_per_pass: int) -> list[Rows]:
@@ -105,21 +106,22 @@ def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor,
     return torch.cat(losses), torch.cat(grads)
 
 
-def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, train: torch.Tensor, obs: torch.Tensor,
-                  probe: torch.Tensor, ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
+def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, contexts: UnitContexts,
+                  ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
     """Run K = len(streams.noise) chains from w_star ([dim], or [K, dim]: one start per chain); returns their
     on-device statistics.
 
-    streams: the chains' noise generators and minibatch schedule (indices into train [N, S+1]);
-    obs [M, S+1], probe [P, S+1]: fixed observable and probe contexts.
+    streams: the chains' noise generators and minibatch schedule (indices into ``contexts.train``); the
+    observables are read on ``contexts.obs`` and ``contexts.probe``.
     """
+    train = contexts.train
     n_chains, device = len(streams.noise), w_star.device
     acc = init_accumulator(n_chains, ref.a_star.numel(), sampler.n_draws, device)
     passes = pass_rows(streams.token_rows, sampler.chains_per_pass)
     low_precision = sampler.forward_dtype != "float32"
     autocast = (lambda: torch.autocast(device.type, dtype=getattr(torch, sampler.forward_dtype))) \
         if low_precision else contextlib.nullcontext
-    obs_caches, probe_caches = (_fixed_caches(group, t, chunk_tokens) for t in (obs, probe))
+    obs_caches, probe_caches = (_fixed_caches(group, t, chunk_tokens) for t in (contexts.obs, contexts.probe))
     grad_fn = partial(_loss_and_grad, group, passes, autocast)
     state, draw = sgld.init(w_star, n_chains), 0
     for step in range(1, sampler.n_steps + 1):
@@ -151,16 +153,16 @@ class PlannedGroup(NamedTuple):
     sampler: SamplerConfig
 
 
-def sample_plan(plan: Iterable[PlannedGroup], train: torch.Tensor, obs: torch.Tensor, probe: torch.Tensor,
-                ref: Reference, seed: int, chunk_tokens: int, policy: str) -> dict[tuple[str, int], ChainStats]:
+def sample_plan(plan: Iterable[PlannedGroup], contexts: UnitContexts, ref: Reference, seed: int, chunk_tokens: int,
+                policy: str) -> dict[tuple[str, int], ChainStats]:
     """The work-unit loop every model shares: each planned stack with its streams (``seeds.chain_streams``)
     through ``sample_chains``; returns {(component, chain): ChainStats} after the divergence ``policy``."""
     loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
     results: dict[tuple[str, int], ChainStats] = {}
     for group, members, w_star, sampler in plan:
-        streams = chain_streams(seed, members, sampler.share_minibatches, len(train), sampler.n_steps,
+        streams = chain_streams(seed, members, sampler.share_minibatches, len(contexts.train), sampler.n_steps,
                                 sampler.batch_size, w_star.device)
-        acc = sample_chains(group, w_star, streams, train, obs, probe, ref, sampler, chunk_tokens)
+        acc = sample_chains(group, w_star, streams, contexts, ref, sampler, chunk_tokens)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
     enforce_divergence_policy(results, policy)
     return results

@@ -10,6 +10,8 @@ step with, whose fused vocabulary kernel has no second derivative).
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from susc_core.engine.chains import Group, pass_rows
@@ -48,6 +50,18 @@ def top_curvature(group: Group, w_star: torch.Tensor, tokens: torch.Tensor, n_it
         value = (v * hv).sum(dim=1)
         v = hv / hv.norm(dim=1, keepdim=True).clamp_min(torch.finfo(hv.dtype).tiny)
     return value
+
+
+def preflight(stacks: Iterable[tuple[Group, list[str], torch.Tensor]], train: torch.Tensor, n_contexts: int,
+              n_iter: int, fd_step: float, seed: int) -> dict[str, float]:
+    """{component: top Hessian eigenvalue at w*} (``top_curvature``) for every stack (group, its component
+    names, their starts w* [k, dim]) on the pre-flight's minibatch of ``n_contexts`` contexts of train
+    [N, S+1] (``preflight_batch``); one generator of start vectors across the stacks, in order."""
+    tokens, generator = preflight_batch(train, n_contexts, seed)
+    out = {}
+    for group, names, w_star in stacks:
+        out.update(zip(names, top_curvature(group, w_star, tokens, n_iter, fd_step, generator).tolist()))
+    return out
 
 
 def stability_number(curvature: float, nbeta: float, gamma: float, step_size: float) -> float:

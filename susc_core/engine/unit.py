@@ -18,11 +18,12 @@ from collections import defaultdict
 import torch
 
 from susc_core.engine.chains import PlannedGroup, reference_values, sample_plan
+from susc_core.engine.inputs import UnitContexts, check_contexts, master_weights
 from susc_core.model.components import component, gather, is_head, resolve_components
 from susc_core.engine.reference import plan_reference
 from susc_core.engine.groups import CachedGroup, HeadGroup
 from susc_core.model.transformer import LOSS_CHUNK_TOKENS, ModelConfig, Params, param_shapes, per_token_loss
-from susc_core.engine.stability import preflight_batch, top_curvature
+from susc_core.engine.stability import preflight
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
 
@@ -54,28 +55,13 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
     return plan
 
 
-def check_contexts(cfg: ModelConfig, **tensors: torch.Tensor) -> None:
-    """Every context tensor is a non-empty [n, L+1] LongTensor with L+1 <= n_ctx+1, ids in [0, d_vocab),
-    and all share one length. ``cfg``: anything with ``n_ctx`` and ``d_vocab`` (a config or an adapter)."""
-    for name, t in tensors.items():
-        if t.dim() != 2 or t.shape[0] == 0 or not 2 <= t.shape[1] <= cfg.n_ctx + 1:
-            raise ValueError(f"{name} must be a non-empty LongTensor [n, L+1] with 2 <= L+1 <= n_ctx+1 = "
-                             f"{cfg.n_ctx + 1}; got shape {tuple(t.shape)}")
-        if t.min() < 0 or t.max() >= cfg.d_vocab:
-            raise ValueError(f"{name} holds token ids outside [0, d_vocab={cfg.d_vocab})")
-    if len({t.shape[1] for t in tensors.values()}) != 1:
-        raise ValueError(f"all contexts must have the same length; got {[tuple(t.shape) for t in tensors.values()]}")
-
-
 def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chains: list[int],
-             sampler: SamplerConfig, train_contexts: torch.Tensor, obs_contexts: torch.Tensor,
-             probe_contexts: torch.Tensor, seed: int, device: torch.device | str = "cpu",
+             sampler: SamplerConfig, contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
              mode: str = "batched", chunk_tokens: int = LOSS_CHUNK_TOKENS) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     w_star: the checkpoint's parameters (any device; used as fp32 master weights on ``device``).
-    train_contexts [N, L+1]: minibatches are drawn from it; obs_contexts [M, L+1]: the fixed baseline
-    contexts of L_n and g; probe_contexts [P, L+1]: the probe tokens, T = P * L in row-major order.
+    contexts: the unit's training pool, observable and probe contexts (``UnitContexts``).
     Returns {(component, chain): ChainStats} with n_draws draws each. Diverged chains raise
     (policy "fail") or are returned flagged with a warning (policy "drop"). mode: "batched" or
     "reference" (the sequential plan, for tests and benchmarks). chunk_tokens: token rows of vocabulary
@@ -89,15 +75,15 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
         raise ValueError(f"chains must be distinct non-negative indices, got {chains}")
     names = resolve_components(model_cfg, components)
     device = torch.device(device)
-    params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
-    train, obs, probe = (t.to(device, torch.long) for t in (train_contexts, obs_contexts, probe_contexts))
-    check_contexts(model_cfg, train_contexts=train, obs_contexts=obs, probe_contexts=probe)
-    ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens, chunk_tokens=chunk_tokens), obs,
-                           probe, chunk_tokens)
+    params = master_weights(w_star, device)
+    contexts = contexts.to(device)
+    contexts.check(model_cfg)
+    ref = reference_values(lambda tokens: per_token_loss(params, model_cfg, tokens, chunk_tokens=chunk_tokens),
+                           contexts, chunk_tokens)
     plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains), chunk_tokens)
     starts = (torch.stack([gather(params, component(model_cfg, name)) for name, _ in members]) for _, members in plan)
     return sample_plan((PlannedGroup(group, members, w0, sampler) for (group, members), w0 in zip(plan, starts)),
-                       train, obs, probe, ref, seed, chunk_tokens, sampler.divergence_policy)
+                       contexts, ref, seed, chunk_tokens, sampler.divergence_policy)
 
 
 def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list[str], train_contexts: torch.Tensor,
@@ -108,13 +94,10 @@ def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list
     the batched plan's groups form the gradients (one chain per component)."""
     names = resolve_components(model_cfg, components)
     device = torch.device(device)
-    params = {k: v.detach().to(device, torch.float32) for k, v in w_star.items()}
+    params = master_weights(w_star, device)
     train = train_contexts.to(device, torch.long)
     check_contexts(model_cfg, train_contexts=train)
-    tokens, generator = preflight_batch(train, n_contexts, seed)
-    out = {}
-    for group, members in plan_batched(params, model_cfg, names, [0], chunk_tokens):
-        w0 = torch.stack([gather(params, component(model_cfg, name)) for name, _ in members])
-        values = top_curvature(group, w0, tokens, n_iter, fd_step, generator)
-        out.update(zip((name for name, _ in members), values.tolist()))
-    return out
+    stacks = [(group, [name for name, _ in members],
+               torch.stack([gather(params, component(model_cfg, name)) for name, _ in members]))
+              for group, members in plan_batched(params, model_cfg, names, [0], chunk_tokens)]
+    return preflight(stacks, train, n_contexts, n_iter, fd_step, seed)
