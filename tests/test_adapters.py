@@ -16,7 +16,7 @@ from torch.func import vmap
 
 from susc_core.engine.inputs import UnitContexts
 from susc_core.model import transformer as M
-from susc_core.adapters.base import flat_indices, gather, scatter
+from susc_core.adapters.base import flat_indices, gather_indexed, scatter_indexed
 from susc_core.model.chunked_nll import chunked_nll
 from susc_core.adapters.bundled import BundledAdapter
 from susc_core.adapters.engine import chains_per_pass_for_budget, AdapterGroup, run_adapter_unit
@@ -115,8 +115,8 @@ def _indices(adapter, name):
 def _restricted_grad(adapter, params, name, tokens):
     """{param: grad on the component's coordinates} of the mean loss, restricted to component ``name``."""
     index = flat_indices(adapter.component_mask(name), params)
-    w = gather(params, index).requires_grad_(True)
-    grad = torch.autograd.grad(adapter.per_token_loss(scatter(params, index, w), tokens).mean(), w)[0]
+    w = gather_indexed(params, index).requires_grad_(True)
+    grad = torch.autograd.grad(adapter.per_token_loss(scatter_indexed(params, index, w), tokens).mean(), w)[0]
     return dict(zip(index, torch.split(grad, [i.numel() for i in index.values()])))
 
 
@@ -296,7 +296,7 @@ def test_restricted_sgld_chains_move_only_the_component(name, component):
     adapter = family_adapter(name)
     params = adapter.params()
     index = flat_indices(adapter.component_mask(component), params)
-    group, w_star = AdapterGroup(adapter, params, index), gather(params, index)
+    group, w_star = AdapterGroup(adapter, params, index), gather_indexed(params, index)
     rows = pass_rows(torch.zeros(SGLD_CHAINS, dtype=torch.long), SGLD_CHAINS)[0]
 
     def grad_fn(w, tokens):
@@ -318,7 +318,7 @@ def test_restricted_sgld_chains_move_only_the_component(name, component):
                              nbeta=10.0, gamma=100.0)
     expected = {p: set(i.tolist()) for p, i in index.items()}
     for w in state.w:
-        moved = scatter(params, index, w)
+        moved = scatter_indexed(params, index, w)
         changed = {p: set(torch.nonzero((moved[p] != params[p]).reshape(-1))[:, 0].tolist()) for p in params}
         assert {p: c for p, c in changed.items() if c} == expected
 
@@ -375,7 +375,7 @@ def test_memory_budget_chunks_chains_without_changing_results(gpt2):
     params = gpt2.params()
     index = flat_indices(gpt2.component_mask("L0H1"), params)
     group = AdapterGroup(gpt2, params, index)
-    w_star, batch = gather(params, index), train[:4].unsqueeze(0)
+    w_star, batch = gather_indexed(params, index), train[:4].unsqueeze(0)
     fit_big = chains_per_pass_for_budget(group, w_star, batch, memory_budget_mib=1e3)
     assert fit_big > 3
     with pytest.raises(ValueError, match="memory_budget_mib=1e-06 is below"):
@@ -450,7 +450,7 @@ def test_tl_adapter():
 
 
 def test_tl_model_saved_and_loaded_is_the_same_model(tmp_path):
-    from susc_core.adapters.load import AdapterSpec, check_supported, load_adapter, load_tokenizer
+    from susc_core.adapters.load import AdapterSpec, check_supported, load_adapter, load_adapter_tokenizer
     from susc_core.adapters.tl import TLAdapter, save_tl
     model = _hooked_transformer()
     spec = AdapterSpec("tl", str(save_tl(model, tmp_path / "tl")), loss_chunk_tokens=7)
@@ -463,10 +463,10 @@ def test_tl_model_saved_and_loaded_is_the_same_model(tmp_path):
     torch.testing.assert_close(loaded.per_token_loss(loaded.params(), tokens), original.per_token_loss(
         original.params(), tokens), rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"bundled tokenizer's 4096 ids do not fit the model's d_vocab=40"):
-        load_tokenizer(spec)
+        load_adapter_tokenizer(spec)
     from susc_core.data.tokenizer import train_tokenizer
     train_tokenizer(["a tiny text"], 260).save(str(tmp_path / "tl" / "tokenizer.json"))
-    assert load_tokenizer(spec).get_vocab_size() <= 260  # the directory's own tokenizer comes first
+    assert load_adapter_tokenizer(spec).get_vocab_size() <= 260  # the directory's own tokenizer comes first
 
 
 def test_tl_checkpoints_are_checked_before_loading(tmp_path):

@@ -30,7 +30,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from susc_core.adapters.base import ModelAdapter
-from susc_core.adapters.load import KINDS, AdapterSpec, check_supported, load_adapter, load_tokenizer
+from susc_core.adapters.load import KINDS, AdapterSpec, check_supported, load_adapter, load_adapter_tokenizer
 from susc_core.analysis.analyze import Analysis, analyze
 from susc_core.analysis.config import AnalysisConfig
 from susc_core.analysis.pca import PCAResult
@@ -129,7 +129,7 @@ def load(model=None, tokenizer=None, adapter: str = "hf", loss_chunk_tokens: int
                              "is read as this project's model)")
         spec = AdapterSpec(adapter, str(path), loss_chunk_tokens=loss_chunk_tokens)
         check_supported(spec)
-        return _adapter_model(load_adapter(spec), adapter, tokenizer or load_tokenizer(spec), spec)
+        return _adapter_model(load_adapter(spec), adapter, tokenizer or load_adapter_tokenizer(spec), spec)
     if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], ModelConfig):
         cfg, params = model
         return LoadedModel("bundled", params_sha256(params), valid_component_names(cfg), cfg.n_layers, cfg.n_ctx,

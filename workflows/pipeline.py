@@ -28,7 +28,7 @@ from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measur
 from susc_core.engine.memory import peak_memory_mib
 from workflows import outputs, screening
 from workflows.execute import RunReport, run_units
-from workflows.plan import WorkUnit, plan_units, stable_hash
+from workflows.plan import WorkUnit, plan_units, content_hash
 from workflows.reduce import collect, to_fields
 from workflows.runtime import get_logger, provenance, resolve_device
 from workflows.study_config import StudyConfig
@@ -89,7 +89,7 @@ def _preflight(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store:
         return {}
     settings = {k: getattr(d, k) for k in ("preflight_iters", "preflight_contexts", "preflight_fd_step")}
     fingerprint = {k: v for k, v in _fingerprint(cfg, inputs).items() if k not in ("sampler", "probes", "shards")}
-    unit = WorkUnit(tuple(planned), (), 0, stable_hash({"preflight": fingerprint, **settings}))
+    unit = WorkUnit(tuple(planned), (), 0, content_hash({"preflight": fingerprint, **settings}))
     log.info("curvature pre-flight: %d components, %d power iterations on %d contexts", len(planned),
              d.preflight_iters, d.preflight_contexts)
     run_units([unit], preflight_task, shared, cfg.cluster, store)

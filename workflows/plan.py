@@ -26,7 +26,7 @@ class WorkUnit:
         return f"{comps} chains {list(self.chains)} shard {self.shard}"
 
 
-def stable_hash(obj) -> str:
+def content_hash(obj) -> str:
     """sha256 hex of a JSON-serialisable object with sorted keys (16 hex chars)."""
     blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
@@ -47,11 +47,11 @@ def plan_units(components: list[str], n_chains: int, n_shards: int, components_p
     """
     if n_shards < 1 or n_chains < 1:
         raise ValueError(f"need at least one chain and one shard, got chains={n_chains}, shards={n_shards}")
-    base = stable_hash(fingerprint)
+    base = content_hash(fingerprint)
     units = []
     for comps in _groups(list(components), components_per_unit):
         for chains in _groups(list(range(n_chains)), chains_per_unit):
             for shard in range(n_shards):
-                key = stable_hash({"base": base, "components": comps, "chains": chains, "shard": shard})
+                key = content_hash({"base": base, "components": comps, "chains": chains, "shard": shard})
                 units.append(WorkUnit(comps, chains, shard, key))
     return units

@@ -22,7 +22,7 @@ import torch
 
 from susc_core.data import retokenize
 from susc_core.adapters.base import ModelAdapter
-from susc_core.adapters.load import AdapterSpec, load_adapter, load_tokenizer, package_file
+from susc_core.adapters.load import AdapterSpec, load_adapter, load_adapter_tokenizer, package_file
 from susc_core.model.checkpoint import file_sha256, load_model, path_sha256
 from susc_core.model.components import valid_component_names
 from susc_core.data.corpus import context_table, concat_contexts, load_context_table, load_documents
@@ -146,7 +146,7 @@ def _model_file(spec: AdapterSpec) -> Path:
 def _adapter_inputs(cfg: StudyConfig) -> StudyInputs:
     spec = adapter_spec(cfg.model)
     adapter = load_adapter(spec)  # cached: an in-process study's units reuse it
-    encode = partial(encode_documents, load_tokenizer(spec))
+    encode = partial(encode_documents, load_adapter_tokenizer(spec))
     n_ctx = cfg.data.seq_len or adapter.n_ctx
     corpus = Path(cfg.data.corpus_dir)
     documents = load_context_table(corpus / "documents.parquet")

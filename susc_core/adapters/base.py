@@ -22,9 +22,9 @@ import torch
 from torch.func import functional_call
 
 from susc_core.model.chunked_nll import chunked_nll
+from susc_core.model.transformer import Params
 from susc_core.model.components import FULL, expand_names, layer_names, parse_name
 
-Params = dict[str, torch.Tensor]
 Mask = dict[str, object]  # param name -> index expression or boolean mask
 WHOLE = slice(None)
 
@@ -56,12 +56,12 @@ def flat_indices(mask: Mask, params: Params) -> dict[str, torch.Tensor]:
     return out
 
 
-def gather(params: Params, index: dict[str, torch.Tensor]) -> torch.Tensor:
+def gather_indexed(params: Params, index: dict[str, torch.Tensor]) -> torch.Tensor:
     """The selected coordinates as one flat vector [dim] (in ``index`` order)."""
     return torch.cat([params[p].reshape(-1)[ids] for p, ids in index.items()])
 
 
-def scatter(params: Params, index: dict[str, torch.Tensor], w: torch.Tensor) -> Params:
+def scatter_indexed(params: Params, index: dict[str, torch.Tensor], w: torch.Tensor) -> Params:
     """A new dict equal to ``params`` except the selected coordinates, set to ``w [dim]``.
 
     Out of place, differentiable in ``w`` and usable under ``vmap`` (w batched, params not).

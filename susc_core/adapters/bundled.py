@@ -10,25 +10,25 @@ import torch
 
 from susc_core.model import components as C
 from susc_core.model import transformer as M
-from .base import WHOLE, Mask, Params
+from .base import WHOLE, Mask
 
 
 class BundledAdapter:
     """w_star: the checkpoint's parameters; cfg: its ``ModelConfig``; loss_chunk_tokens: token rows of
     vocabulary logits held at once (speed and memory only)."""
 
-    def __init__(self, w_star: Params, cfg: M.ModelConfig, loss_chunk_tokens: int = M.LOSS_CHUNK_TOKENS):
+    def __init__(self, w_star: M.Params, cfg: M.ModelConfig, loss_chunk_tokens: int = M.LOSS_CHUNK_TOKENS):
         if missing := set(M.param_shapes(cfg)) ^ set(w_star):
             raise ValueError(f"w_star does not match cfg; differing parameter names: {sorted(missing)}")
         self.w_star, self.cfg = w_star, cfg
         self.d_vocab, self.n_ctx, self.loss_chunk_tokens = cfg.d_vocab, cfg.n_ctx, loss_chunk_tokens
         self.explicit_attention = M.explicit_pattern_hooks(cfg)  # run_adapter_unit vmaps this model
 
-    def params(self) -> Params:
+    def params(self) -> M.Params:
         """fp32 detached copies of every parameter, in ``param_shapes`` order."""
         return {k: self.w_star[k].detach().float().clone() for k in M.param_shapes(self.cfg)}
 
-    def per_token_loss(self, params: Params, tokens: torch.Tensor) -> torch.Tensor:
+    def per_token_loss(self, params: M.Params, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [batch, seq] -> [batch, seq-1] nats: the model's own loss, attention in its vmap-able form."""
         return M.per_token_loss(params, self.cfg, tokens, self.explicit_attention, self.loss_chunk_tokens)
 

@@ -24,7 +24,9 @@ from susc_core.engine.memory import MIB, peak_memory_mib
 from susc_core.engine.stability import preflight
 from susc_core.engine.sgld import SamplerConfig
 from susc_core.stats.chain_stats import ChainStats
-from .base import ModelAdapter, Params, expand_names, flat_indices, gather, scatter
+from susc_core.model.transformer import Params
+
+from .base import ModelAdapter, expand_names, flat_indices, gather_indexed, scatter_indexed
 
 log = logging.getLogger(__name__)
 CHAIN_STATE_BUFFERS = 5  # [dim] float32 buffers per chain in an SGLD step: w, grad, noise, drift, new w
@@ -41,7 +43,7 @@ class AdapterGroup:
         return tokens
 
     def _loss(self, w: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        return self.adapter.per_token_loss(scatter(self.base, self.index, w), tokens)
+        return self.adapter.per_token_loss(scatter_indexed(self.base, self.index, w), tokens)
 
     def losses(self, w: torch.Tensor, rows: Rows, cache: torch.Tensor, mean: bool = False) -> torch.Tensor:
         if cache.shape[0] == 1:
@@ -107,7 +109,7 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     for name in names:
         index = flat_indices(adapter.component_mask(name), params)
         group = AdapterGroup(adapter, params, index)
-        w_star = gather(params, index)
+        w_star = gather_indexed(params, index)
         run_sampler = sampler
         if memory_budget_mib is not None:
             fit = chains_per_pass_for_budget(group, w_star, contexts.train[: sampler.batch_size].unsqueeze(0),
@@ -133,5 +135,5 @@ def adapter_preflight_curvature(adapter: ModelAdapter, components: list[str], tr
     stacks = []
     for name in names:
         index = flat_indices(adapter.component_mask(name), params)
-        stacks.append((AdapterGroup(adapter, params, index), [name], gather(params, index)[None]))
+        stacks.append((AdapterGroup(adapter, params, index), [name], gather_indexed(params, index)[None]))
     return preflight(stacks, train, n_contexts, n_iter, fd_step, seed)

@@ -67,7 +67,7 @@ def load_adapter(spec: AdapterSpec) -> ModelAdapter:
                    attn_implementation=spec.attn_implementation)
 
 
-def load_tokenizer(spec: AdapterSpec):
+def load_adapter_tokenizer(spec: AdapterSpec):
     """The ``tokenizers.Tokenizer`` the corpus is re-tokenised with: hf, the model's own (directory files or
     GGUF metadata); tl, the directory's ``tokenizer.json``, else the bundled one when it fits the vocabulary."""
     if spec.kind == "tl":

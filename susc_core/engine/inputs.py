@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import torch
 
-Params = dict[str, torch.Tensor]
+from susc_core.model.transformer import Params
 
 
 class UnitContexts(NamedTuple):
