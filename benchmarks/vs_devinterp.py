@@ -9,7 +9,10 @@ attention) and a loss function returning its per-token losses; the script first 
 model and our engine's reference compute the same per-token losses at w*. Rates are component·chain·draws
 per second, each timed once after a one-draw warm-up; devinterp's L_n(w*) is taken on one batch of 16
 contexts (``num_init_loss_batches``; its default 32 batches per restriction is work our engine does not do). Prints ONE JSON object as its last line (rates,
-``speedup_vs_devinterp``, the fp32 and bf16 matmul peaks of ``benchmarks/engine.py``).
+``speedup_vs_devinterp``, the fp32 and bf16 matmul peaks of ``benchmarks/engine.py``, the FLOPs per unit of work
+our batched engine executes and a dense full-forward plan executes (a lower bound of devinterp's), each side's
+fraction of the fp32 peak, and ``speedup_ceiling_at_fp32_peak``: the speedup our FLOP count would give with
+every FLOP at the fp32 matmul peak, the most this machine allows without fewer FLOPs or lower precision).
 """
 
 from __future__ import annotations
@@ -94,24 +97,29 @@ def main():
     sampler = SamplerConfig(step_size=1e-3, nbeta=30.0, gamma=300.0, n_chains=4, n_draws=args.draws,
                             batch_size=BATCH)
     warm = SamplerConfig(**{**sampler.__dict__, "n_draws": 1})
-    run_unit(cfg, params, ["L0H0", "full"], [0], warm, UnitContexts(train, obs, probe), seed=0, chunk_tokens=chunk)
+    contexts = UnitContexts(train, obs, probe)
+    run_unit(cfg, params, ["L0H0", "full"], [0], warm, contexts, seed=0, chunk_tokens=chunk)
     start = time.perf_counter()
-    run_unit(cfg, params, names + ["full"], list(range(sampler.n_chains)), sampler, UnitContexts(train, obs, probe), seed=0,
-             chunk_tokens=chunk)
+    run_unit(cfg, params, names + ["full"], list(range(sampler.n_chains)), sampler, contexts, seed=0, chunk_tokens=chunk)
     ours = time.perf_counter() - start
     run_devinterp(cfg, params, train, obs, probe, warm, names[:1])
     theirs = run_devinterp(cfg, params, train, obs, probe, sampler, names)
     work = (len(names) + 1) * sampler.n_chains * sampler.n_draws
     peak, peak_bf16 = matmul_peak("cpu"), matmul_peak("cpu", dtype=torch.bfloat16)
-    executed = unit_flops(cfg, sampler, cfg.n_ctx, (OBS_CONTEXTS + PROBE_CONTEXTS) * cfg.n_ctx,
-                          [component(cfg, n).layer for n in names], "batched", chunk)
+    flops = {plan: unit_flops(cfg, sampler, cfg.n_ctx, (OBS_CONTEXTS + PROBE_CONTEXTS) * cfg.n_ctx,
+                              [component(cfg, n).layer for n in names], plan, chunk) for plan in ("batched", "reference")}
+    executed, dense = flops["batched"], flops["reference"]  # dense: a full forward per chain, as devinterp runs
     print(json.dumps({"model": source, "threads": args.threads, "draws": args.draws,
                       "per_token_loss_max_abs_diff_at_w_star": gap,
                       "ours_units_per_s": work / ours, "devinterp_units_per_s": work / theirs,
                       "speedup_vs_devinterp": theirs / ours,
                       "matmul_peak_flops_fp32": peak, "matmul_peak_flops_bf16": peak_bf16,
                       "ours_executed_flops_per_unit": executed,
-                      "ours_fraction_of_fp32_peak": executed * work / ours / peak}))
+                      "ours_fraction_of_fp32_peak": executed * work / ours / peak,
+                      "dense_flops_per_unit": dense,
+                      "devinterp_dense_fraction_of_fp32_peak": dense * work / theirs / peak,
+                      # the largest speedup our FLOPs allow on this machine: all of them at the fp32 matmul peak
+                      "speedup_ceiling_at_fp32_peak": (peak / executed) / (work / theirs)}))
 
 
 if __name__ == "__main__":
