@@ -73,8 +73,9 @@ def test_result_analysis_pca_and_report(cli_study, tmp_path, tiny_checkpoint):
     assert set(res.components) <= set(heads)
     with pytest.raises(KeyError, match="no PCA for 'L7'"):
         result.pca("L7")
-    path = result.report()
-    assert path.exists() and path.stat().st_size > 10_000
+    path = result.report(tmp_path / "elsewhere" / "study.html")
+    assert path == tmp_path / "elsewhere" / "study.html"
+    assert path.read_bytes() == (result.run_dir / "report.html").read_bytes() and path.stat().st_size > 10_000
 
 
 def test_hooked_transformer_on_texts(tmp_path, corpus_dir):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import shutil
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -248,11 +249,16 @@ class StudyResult:
             raise KeyError(f"no PCA for {layer!r}; this study has {sorted(pcas)}")
         return pcas[layer]
 
-    def report(self, cfg: AnalysisConfig | None = None) -> Path:
-        """Write (or rewrite) the HTML report into the run folder; returns its path."""
+    def report(self, path: str | Path | None = None, cfg: AnalysisConfig | None = None) -> Path:
+        """Write (or rewrite) the HTML report into the run folder, and copy it to ``path`` when given (the
+        report is one self-contained file); returns where it is."""
         from workflows.report import write_report
 
-        return Path(write_report(self.run_dir, cfg))
+        written = Path(write_report(self.run_dir, cfg))
+        if path is None:
+            return written
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return Path(shutil.copyfile(written, path))
 
 
 def _section(value, current, name: str):
