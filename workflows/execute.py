@@ -2,7 +2,8 @@
 
 Units already in the store are skipped, so an interrupted or repeated study recomputes only what is
 missing. Each finished unit is written to the store the moment it arrives, so Ctrl-C loses nothing
-finished. ``ray.remote`` appears only here.
+finished; while units run on Ray, Ctrl-C is deferred and handled in order (keep the units that finished, shut
+down the Ray connection made here, which ends those in flight). ``ray.remote`` appears only here.
 """
 
 from __future__ import annotations
@@ -18,12 +19,13 @@ from typing import Callable
 from tqdm import tqdm
 
 from workflows.plan import WorkUnit
-from workflows.runtime import authenticate_local_runtime, get_logger
+from workflows.runtime import Interrupt, authenticate_local_runtime, deferred_sigint, get_logger
 from workflows.unit_store import UnitStats, UnitStore
 
 log = get_logger("execute")
 
 Task = Callable[[WorkUnit, dict], UnitStats]
+_CONNECTED_HERE: list[bool] = [False]  # whether init_ray made this process's Ray connection (then it may end it)
 
 
 @dataclass
@@ -40,6 +42,7 @@ class ClusterConfig:
     max_in_flight: int = 0  # cap on submitted, unfinished units; 0: twice the cluster's slots
     max_retries: int = 3  # Ray re-runs a unit whose worker process died
     wait_timeout_s: float = 600.0  # no unit finishing for this long means the request cannot be scheduled
+    interrupt_poll_s: float = 0.5  # how often the wait for units looks for a Ctrl-C (SIGINT is deferred while on Ray)
     claim_poll_s: float = 2.0  # how often to look for units another study on the same cache is computing
     claim_stale_s: float = 3600.0  # another host's claim on a unit not refreshed for this long is taken over
     auth_token_bytes: int = 32  # random bytes of the local runtime's token (unless RAY_AUTH_MODE is set)
@@ -81,10 +84,20 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
         stats = task(unit, shared)
     finally:
         torch.set_num_threads(previous)
-    return stats, {"host": socket.gethostname(), "pid": os.getpid(), "seconds": time.perf_counter() - start,
+    return stats, {"host": socket.gethostname(), "node": _ray_node_id(), "pid": os.getpid(),
+                   "seconds": time.perf_counter() - start,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
                    "peak_rss_mib": peak_memory_mib("cpu"),
                    "peak_cuda_mib": peak_memory_mib("cuda") if torch.cuda.is_available() else float("nan")}
+
+
+def _ray_node_id() -> str | None:
+    """The id of the Ray node this process is part of (None without Ray): several nodes may share a host."""
+    if "ray" not in sys.modules:
+        return None
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
 
 def init_ray(cluster: ClusterConfig) -> dict:
@@ -101,6 +114,7 @@ def init_ray(cluster: ClusterConfig) -> dict:
                      logging_level="WARNING", log_to_driver=False)
         else:
             ray.init(address=cluster.address, runtime_env=cluster.runtime_env or None, logging_level="WARNING")
+        _CONNECTED_HERE[0] = True
     resources = ray.cluster_resources()
     log.info("Ray cluster: %s CPUs, %s GPUs on %d nodes", resources.get("CPU", 0), resources.get("GPU", 0),
              len([n for n in ray.nodes() if n.get("Alive")]))
@@ -137,8 +151,9 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         place = f"{info['host']}:{info['device']}"
         where[place] = where.get(place, 0) + 1
         peaks.append((info["peak_rss_mib"], info["peak_cuda_mib"]))
-        log.info("unit %s finished on %s (pid %d) in %.1f s; peak RSS of the process %.0f MiB", unit.label(), place,
-                 info["pid"], info["seconds"], info["peak_rss_mib"])
+        node = f"Ray node {info['node']}, " if info["node"] else ""
+        log.info("unit %s finished on %s (%spid %d) in %.1f s; peak RSS of the process %.0f MiB", unit.label(), place,
+                 node, info["pid"], info["seconds"], info["peak_rss_mib"])
         bar.update(1)
 
     def claim(candidates: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
@@ -196,31 +211,90 @@ def _largest(values) -> float:
 
 def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,
                 finish: Callable) -> None:
+    """Run ``todo`` as Ray tasks (``_submit_and_collect``), handing each finished unit to ``finish``.
+
+    Ctrl-C (SIGINT) is deferred for the whole of it, Ray's start-up included (``deferred_sigint``): the wait loop
+    notices it within ``cluster.interrupt_poll_s``, units already finished are kept, the Ray connection is shut
+    down if ``init_ray`` made it (which ends the units in flight), and KeyboardInterrupt is raised; ``run_units``
+    then says what is cached and how to resume. Units in flight are never cancelled (``_leave_in_flight``)."""
     import ray
 
-    resources = init_ray(cluster)
+    with deferred_sigint() as interrupt:
+        resources = init_ray(cluster)
+        pending: dict = {}
+        try:
+            if not interrupt.requested:  # Ctrl-C during start-up: nothing submitted yet
+                _submit_and_collect(todo, task, shared, cluster, threads, finish, resources, pending, interrupt)
+        except BaseException:
+            _leave_in_flight(pending, finish)
+            raise
+        if interrupt.requested:
+            _leave_in_flight(pending, finish)
+            log.warning("Ctrl-C: %s", "shutting Ray down" if _CONNECTED_HERE[0]
+                        else "the caller's Ray runtime stays up")
+            if _CONNECTED_HERE[0]:  # a runtime (or connection) the caller made is the caller's to end
+                ray.shutdown()
+                _CONNECTED_HERE[0] = False
+            raise KeyboardInterrupt
+
+
+def _submit_and_collect(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,
+                        finish: Callable, resources: dict, pending: dict, interrupt: Interrupt) -> None:
+    """Submit units, keeping at most twice the cluster's slots (or ``cluster.max_in_flight``) in flight, and
+    finish each as it arrives; returns when all are done or a Ctrl-C is requested. ``pending`` (ref -> unit)
+    holds the units in flight on return."""
+    import ray
+
     slots = max(1, int(resources.get("CPU", 1) // max(cluster.task_cpus, 1e-9)))
     cap = cluster.max_in_flight or 2 * slots
     shared_ref = ray.put(shared)  # weights and contexts go into the object store once
     remote = ray.remote(_run_with_info).options(num_cpus=cluster.task_cpus, num_gpus=cluster.task_gpus,
                                                 max_retries=cluster.max_retries, num_returns=1)
-    pending: dict = {}
     queue = list(todo)
-    try:
-        while queue or pending:
-            while queue and len(pending) < cap:
-                unit = queue.pop(0)
-                pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir)] = unit
-            done, _ = ray.wait(list(pending), num_returns=1, timeout=cluster.wait_timeout_s)
-            if not done:
-                raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s: either the cluster lacks the "
-                                   f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus}) "
-                                   f"or a unit takes longer than that (raise cluster.wait_timeout_s, or split units "
-                                   f"with units.components_per_unit / units.probe_shards); finished units are cached")
-            for ref in done:
-                unit = pending.pop(ref)
-                finish(unit, *ray.get(ref))
-    except BaseException:
-        for ref in pending:
-            ray.cancel(ref, force=True)
-        raise
+    while (queue or pending) and not interrupt.requested:
+        while queue and len(pending) < cap:
+            unit = queue.pop(0)
+            pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir)] = unit
+        for ref in _wait_for_one(pending, cluster, interrupt):
+            finish(pending.pop(ref), *ray.get(ref))
+
+
+def _wait_for_one(pending: dict, cluster: ClusterConfig, interrupt: Interrupt) -> list:
+    """The refs of ``pending`` that are ready once at least one is, looking for a Ctrl-C every
+    ``cluster.interrupt_poll_s`` (an empty list when one came). No unit finishing within
+    ``cluster.wait_timeout_s`` is a TimeoutError."""
+    import ray
+
+    deadline = time.monotonic() + cluster.wait_timeout_s
+    while not interrupt.requested:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s: either the cluster lacks the "
+                               f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus}) "
+                               f"or a unit takes longer than that (raise cluster.wait_timeout_s, or split units "
+                               f"with units.components_per_unit / units.probe_shards); finished units are cached")
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=min(cluster.interrupt_poll_s, left))
+        if done:
+            return done
+    return []
+
+
+def _leave_in_flight(pending: dict, finish: Callable) -> None:
+    """Keep the units of ``pending`` that have finished (``finish``) and leave the others to run out or to end with
+    the runtime. Nothing is cancelled: with Ray 2.60, ``ray.cancel`` (forced or not) of a task that is just
+    finishing aborts the driver in Ray's C++ core now and then (``task_manager.cc ... Tried to complete task that
+    was not pending``, measured), whereas shutting the runtime down with tasks in flight is safe."""
+    import ray
+
+    done, left = ray.wait(list(pending), num_returns=len(pending), timeout=0) if pending else ([], [])
+    for ref in done:
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayError as error:  # the study is stopping anyway: say so, keep going
+            log.warning("unit %s failed: %s", pending[ref].label(), type(error).__name__)
+            continue
+        finish(pending[ref], *result)
+    if left:
+        log.warning("%d unit(s) in flight left to finish or to end with the Ray runtime (not cancelled: cancelling a "
+                    "finishing task can abort this process in Ray 2.60)", len(left))
+    pending.clear()

@@ -1,4 +1,4 @@
-"""Small edge helpers shared by the Hydra apps: device choice, bundled asset paths, logging setup."""
+"""Small edge helpers shared by the Hydra apps: device choice, bundled asset paths, logging setup, Ctrl-C."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ import importlib.metadata
 import logging
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import threading
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -62,6 +66,40 @@ def authenticate_local_runtime(token_bytes: int) -> str:
     os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(token_bytes)
     os.environ["RAY_AUTH_MODE"] = "token"
     return "token (a fresh random token for this run)"
+
+
+class Interrupt:
+    """How many SIGINTs (Ctrl-C) arrived while ``deferred_sigint`` was in force."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.count > 0
+
+
+@contextmanager
+def deferred_sigint() -> Iterator[Interrupt]:
+    """While inside, SIGINT (Ctrl-C) only counts in the yielded ``Interrupt``; the code inside polls
+    ``requested`` and stops in its own order. Ray's driver calls are not safe to interrupt: with Ray 2.60 a
+    KeyboardInterrupt inside ``ray.wait`` (and the forced cancel that followed it) aborted the driver in Ray's
+    C++ core now and then (``task_manager.cc ... Check failed``), leaving its runtime behind. The previous handler
+    is restored on leaving. Changes nothing outside the main thread (Python delivers signals there only) or
+    where SIGINT is ignored (``nohup``, background jobs)."""
+    interrupt = Interrupt()
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield interrupt
+        return
+
+    def count(signum, frame) -> None:
+        interrupt.count += 1
+
+    previous = signal.signal(signal.SIGINT, count)
+    try:
+        yield interrupt
+    finally:  # None: a handler installed outside Python, which cannot be put back; Python's own instead
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
 
 
 PROVENANCE_PACKAGES = ("torch", "ray", "hydra-core", "omegaconf", "numpy", "pyarrow", "transformers",
