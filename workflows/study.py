@@ -92,7 +92,11 @@ def main(cfg: DictConfig) -> dict:
         resolved = OmegaConf.to_container(cfg, resolve=True)
         summary = run(OmegaConf.to_object(cfg), resolved)
     except (Exception, KeyboardInterrupt) as error:  # the error reaches study.log and the sweep summary
-        log.exception("study failed: %s: %s", type(error).__name__, error)
+        if isinstance(error, KeyboardInterrupt):
+            log.warning("interrupted: every unit that finished is cached in %s; rerun the same command to compute "
+                        "only the rest", cfg.cache_dir)
+        else:
+            log.exception("study failed: %s: %s", type(error).__name__, error)
         if multirun:
             append_sweep_row(Path(hc.sweep.dir), sweep_row(hc.job.num, list(hc.overrides.task))
                              | {"status": "failed", "error": f"{type(error).__name__}: {error}"})
