@@ -127,5 +127,7 @@ def test_bad_arguments_say_what_to_fix(cli_study, tmp_path):
         susceptibilities(train=inputs.train)
     with pytest.raises(TypeError, match="cannot study a list"):
         susceptibilities([1, 2], train=inputs.train, probes=_probes(inputs))
+    with pytest.raises(ValueError, match=r"not more than the 4 observable contexts .*data.observable_contexts"):
+        susceptibilities(train=inputs.train[:3], probes=_probes(inputs), overrides=API_SMALL)
     with pytest.raises(ValueError, match="pass a list of texts"):
         susceptibilities(train="one long text", probes={"p": ["x"]})

@@ -193,6 +193,10 @@ def memory_inputs(model: LoadedModel, train: Tokens, probes: Mapping[str, Tokens
     n_ctx = cfg.data.seq_len or model.n_ctx
     base, _ = _as_tokens(train, "train", model, n_ctx)
     if observables is None:
+        if cfg.data.observable_contexts >= len(base):
+            raise ValueError(f"train holds {len(base)} windows of {n_ctx + 1} tokens, not more than the "
+                             f"{cfg.data.observable_contexts} observable contexts taken from it: pass more text, "
+                             "observables=, or overrides=['data.observable_contexts=...']")
         obs_rows = choose_contexts(cfg.seed, len(base), cfg.data.observable_contexts, "baseline_observables")
         pool, obs = base[np.setdiff1d(np.arange(len(base)), obs_rows)], base[obs_rows]
     else:
@@ -201,7 +205,7 @@ def memory_inputs(model: LoadedModel, train: Tokens, probes: Mapping[str, Tokens
     probe = torch.cat([ids for ids, _ in parts.values()])
     names = [name for name, (ids, _) in parts.items() for _ in range(len(ids))]
     probe_rows = pa.table({"probe": names, "domain": names, "context_id": np.arange(len(names), dtype=np.int64)})
-    digest = hashlib.sha256(b"".join(t.numpy().tobytes() for t in (pool, obs, probe))).hexdigest()
+    digest = hashlib.sha256(b"".join(t.cpu().numpy().tobytes() for t in (pool, obs, probe))).hexdigest()
     return StudyInputs(pool, obs, probe, probe_rows, {"model": model.hash, "contexts": digest},
                        model.component_names, model.n_layers, [t for _, texts in parts.values() for t in texts],
                        model.label, model.model_cfg, model.w_star, model.adapter)
