@@ -45,11 +45,19 @@ POLL_S = 0.1
 HEALTH_CHECKS = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3}'
 
 
+_HANDED_OUT: set[int] = set()  # ports already given to a Ray component of this test
+
+
 def free_port() -> int:
-    """A TCP port nothing listens on just now (Ray binds it moments later)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port nothing listens on just now (Ray binds it moments later) and not handed out before: the
+    kernel may offer a port again once its probe socket is closed, and Ray refuses one port for two components."""
+    while True:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def node_ports(ray_tmp: Path) -> list[str]:
