@@ -108,6 +108,18 @@ def _adapter_model(adapter, label: str, tokenizer, spec: AdapterSpec | None = No
                        adapter.n_ctx, _backend_tokenizer(tokenizer), adapter=spec or adapter)
 
 
+def _bundled_model(cfg: ModelConfig, params: Params, digest: str, tokenizer) -> LoadedModel:
+    """This project's model with its weights' hash and a tokenizer (the bundled one unless given)."""
+    return LoadedModel("bundled", digest, valid_component_names(cfg), cfg.n_layers, cfg.n_ctx,
+                       _backend_tokenizer(tokenizer) or bundled_tokenizer.load_tokenizer(), cfg, params)
+
+
+def path_kind(model: str | Path | None, adapter: str) -> str:
+    """How a model given by path loads: "bundled" for None (the bundled model) or a ``.safetensors``
+    checkpoint of this project's model, else the adapter kind ``adapter``."""
+    return "bundled" if model is None or Path(model).suffix == ".safetensors" else adapter
+
+
 def load(model=None, tokenizer=None, adapter: str = "hf", loss_chunk_tokens: int = 256) -> LoadedModel:
     """Resolve what a caller passes as ``model``:
 
@@ -121,10 +133,8 @@ def load(model=None, tokenizer=None, adapter: str = "hf", loss_chunk_tokens: int
     from files and HookedTransformers bring their own). loss_chunk_tokens: vocabulary rows per block (speed)."""
     if model is None or isinstance(model, (str, Path)):
         path = Path(model) if model is not None else Path(asset_path(DEFAULT_MODEL))
-        if path.suffix == ".safetensors" and path.is_file():
-            cfg, params = load_model(path)
-            return LoadedModel("bundled", file_sha256(path), valid_component_names(cfg), cfg.n_layers, cfg.n_ctx,
-                               _backend_tokenizer(tokenizer) or bundled_tokenizer.load_tokenizer(), cfg, params)
+        if path_kind(model, adapter) == "bundled":
+            return _bundled_model(*load_model(path), file_sha256(path), tokenizer)
         if adapter not in KINDS:
             raise ValueError(f"adapter={adapter!r} cannot load {path}; loadable kinds: {KINDS} (a .safetensors file "
                              "is read as this project's model)")
@@ -132,9 +142,7 @@ def load(model=None, tokenizer=None, adapter: str = "hf", loss_chunk_tokens: int
         check_supported(spec)
         return _adapter_model(load_adapter(spec), adapter, tokenizer or load_adapter_tokenizer(spec), spec)
     if isinstance(model, tuple) and len(model) == 2 and isinstance(model[0], ModelConfig):
-        cfg, params = model
-        return LoadedModel("bundled", params_sha256(params), valid_component_names(cfg), cfg.n_layers, cfg.n_ctx,
-                           _backend_tokenizer(tokenizer) or bundled_tokenizer.load_tokenizer(), cfg, params)
+        return _bundled_model(*model, params_sha256(model[1]), tokenizer)
     if all(hasattr(model, a) for a in ("per_token_loss", "component_names", "component_mask")):
         return _adapter_model(model, type(model).__name__, tokenizer)
     if type(model).__name__ == "HookedTransformer":
@@ -308,9 +316,8 @@ def susceptibilities(model=None, *, train: Tokens | None = None, probes: Mapping
         if not (model is None or isinstance(model, (str, Path))):
             raise ValueError("a model in memory needs train= and probes=: the corpus is tokenised for models "
                              "given by path")
-        kind = "bundled" if model is None or Path(model).suffix == ".safetensors" else adapter
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, adapter=kind, checkpoint=str(model) if model is not None else cfg.model.checkpoint))
+            cfg.model, adapter=path_kind(model, adapter), checkpoint=str(model) if model is not None else cfg.model.checkpoint))
         inputs = load_inputs(cfg)
     else:
         inputs = memory_inputs(load(model, tokenizer, adapter, cfg.model.loss_chunk_tokens), train, probes, cfg,
