@@ -23,6 +23,7 @@ from susc_core.adapters.load import AdapterSpec, load_adapter
 from susc_core.model.components import FULL, expand_names
 from susc_core.engine.inputs import UnitContexts
 from susc_core.engine.seeds import study_generator
+from susc_core.engine.sgld import SamplerConfig
 from susc_core.engine.unit import NUMERICS_VERSION, preflight_curvature, run_unit
 from susc_core.model.head_roles import ablation_loss_deltas, head_labels, measured_roles
 from susc_core.engine.memory import peak_memory_mib
@@ -31,7 +32,7 @@ from workflows.execute import RunReport, run_units
 from workflows.plan import WorkUnit, plan_units, content_hash
 from workflows.reduce import collect, to_fields
 from workflows.runtime import get_logger, provenance, resolve_device
-from workflows.study_config import StudyConfig
+from workflows.study_config import DiagnosticsSection, StudyConfig
 from workflows.study_data import StudyInputs
 from workflows.unit_store import UnitStore
 
@@ -190,15 +191,25 @@ def run_plan(cfg: StudyConfig, inputs: StudyInputs, plan: StudyPlan, run_dir: Pa
     shared = _shared(cfg, inputs)
     stability = _preflight(cfg, inputs, plan.planned, store, shared)
     report = run_units(plan.units, unit_task, shared, cfg.cluster, store)
-    screened = screening.screen(collect(plan.units, {u.key: store.load(u.key) for u in plan.units}), stability,
-                                cfg.sampler, cfg.diagnostics)
-    chains = {comp: list(range(cfg.sampler.n_chains)) for comp in screened.stats}
-    diagnostics = outputs.diagnostics_table(screened.stats, cfg.sampler.nbeta, chains, screened.flags)
-    outputs.write_parquet(diagnostics, run_dir / "diagnostics.parquet")
-    screening.enforce(screened, chains, cfg.sampler.divergence_policy)
+    stats, diagnostics = _screened(plan.units, store, stability, cfg.sampler, cfg.diagnostics,
+                                   run_dir / "diagnostics.parquet")
     dataset = (_dataset_level_run(cfg, inputs, plan.planned, store, run_dir, stability)
                if cfg.dataset_level.enabled else None)
-    return Sampled(screened.stats, diagnostics, dataset, report)
+    return Sampled(stats, diagnostics, dataset, report)
+
+
+def _screened(units: list[WorkUnit], store: UnitStore, stability: dict[str, float], sampler: SamplerConfig,
+              diagnostics_cfg: DiagnosticsSection, path: Path) -> tuple[dict, pa.Table]:
+    """The finished units' per-(component, chain) statistics, screened (``screening.screen``); their diagnostics
+    table is written to ``path`` before the divergence policy (enforced last) can stop the study.
+    Returns (component -> [ChainStats], the diagnostics table)."""
+    screened = screening.screen(collect(units, {u.key: store.load(u.key) for u in units}), stability, sampler,
+                                diagnostics_cfg)
+    chains = {comp: list(range(sampler.n_chains)) for comp in screened.stats}
+    diagnostics = outputs.diagnostics_table(screened.stats, sampler.nbeta, chains, screened.flags)
+    outputs.write_parquet(diagnostics, path)
+    screening.enforce(screened, chains, sampler.divergence_policy)
+    return screened.stats, diagnostics
 
 
 def reduce_tables(cfg: StudyConfig, inputs: StudyInputs, plan: StudyPlan, sampled: Sampled,
@@ -315,13 +326,7 @@ def _dataset_level_run(cfg: StudyConfig, inputs: StudyInputs, planned: list[str]
              "probe contexts; %d units", len(planned), sampler.n_chains, sampler.n_draws, sampler.batch_size, dl.seed,
              len(held_out), len(units))
     run_units(units, unit_task, _shared(run_cfg, sub), cfg.cluster, store)
-    screened = screening.screen(collect(units, {u.key: store.load(u.key) for u in units}), stability, sampler,
-                                cfg.diagnostics)
-    stats = screened.stats
-    chains = {comp: list(range(sampler.n_chains)) for comp in stats}
-    outputs.write_parquet(outputs.diagnostics_table(stats, sampler.nbeta, chains, screened.flags),
-                          run_dir / "dataset_level_diagnostics.parquet")
-    screening.enforce(screened, chains, sampler.divergence_policy)
+    stats, _ = _screened(units, store, stability, sampler, cfg.diagnostics, run_dir / "dataset_level_diagnostics.parquet")
     names = list(dict.fromkeys(probes))
     token_probe = np.repeat([names.index(probes[i]) for i in held_out], inputs.probe.shape[1] - 1)
     return outputs.DatasetRun(stats, token_probe, f"independent dataset-level run: seed {dl.seed}, {sampler.n_chains} "
