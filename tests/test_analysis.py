@@ -7,7 +7,8 @@ import pyarrow as pa
 import pytest
 
 from susc_core.analysis import ValidationRules
-from susc_core.analysis.analyze import extreme_class_shares, sample_rows
+from susc_core.analysis.analyze import sample_rows
+from susc_core.analysis.token_classes import extreme_class_shares
 from susc_core.analysis.non_head import non_head_analysis
 from susc_core.analysis.pca import PCAResult, layer_groups, pca, pca_by_layer, split_heads
 from susc_core.analysis.standardize import finite_components, standardize

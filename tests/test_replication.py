@@ -3,16 +3,21 @@ the replication section, and the bootstrap's pieces on numbers with a known answ
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 import workflows.study as study
+from susc_core.analysis.analyze import analyze, standardized_all
 from susc_core.analysis.replication import (chain_sums_by_component, oriented_pc2, resampled_chi)
+from susc_core.analysis.results import load_run
+from susc_core.analysis.token_classes import extreme_class_shares
 from susc_core.analysis.standardize import standardize
 from susc_core.stats.chain_stats import from_draws
 from susc_core.stats.estimators import per_token_chi
@@ -124,3 +129,26 @@ def test_dataset_level_config_errors(tmp_path, tiny_checkpoint, corpus_dir):
                                 "perturbation.contexts_per_probe=1")
     with pytest.raises(ValueError, match="contexts_per_probe >= 2"):
         study.run(one_context)
+
+
+def test_pc2_ends_row_counts_the_classes_at_each_end(replication_run):
+    """The Fig. 3 row of the replication section gives, for each PC2 class, its shares among the lowest, all
+    and highest tokens of PC2 oriented so that the induction heads load +: recomputed here from the analysis'
+    own PCA and token classes (the tiny model has no induction head, so L1H0 is named one; its layers have two
+    heads each, too few for a per-layer PC2, so the PCA over all heads is the one checked)."""
+    cfg, run_dir = replication_run
+    run = load_run(run_dir)
+    roles = run.head_roles
+    induction = pa.array([1.0 if c == "L1H0" else 0.0 for c in roles.column("component").to_pylist()])
+    run = dataclasses.replace(run, head_roles=roles.set_column(roles.schema.get_field_index("induction"),
+                                                               "induction", induction))
+    analysis = analyze(run, cfg.analysis)
+    row = next(r for r in analysis.replication if r["figure"].startswith("PC2 ends") and r["pca"] == "all")
+    comps = list(analysis.pcas["all"].components)
+    z = standardized_all(run, analysis)[analysis.rows][:, [analysis.components.index(c) for c in comps]]
+    scores = oriented_pc2(z, comps, {"L1H0"})[1]
+    shares = {r["class"]: r for r in extreme_class_shares(scores, analysis.classes.flags[analysis.rows],
+                                                           analysis.classes.names, cfg.analysis.report.extreme_fraction)}
+    expected = "; ".join(f"{c} {100 * shares[c]['low']:.0f}% / {100 * shares[c]['all']:.0f}% / "
+                         f"{100 * shares[c]['high']:.0f}%" for c in cfg.analysis.replication.pc2_classes if c in shares)
+    assert expected and row["ours"] == expected and row["status"] == "info"

@@ -10,7 +10,7 @@ from susc_core.analysis.config import AnalysisConfig
 from susc_core.analysis.non_head import NonHeadAnalysis, non_head_analysis
 from susc_core.analysis.pca import PCAResult, pca_by_layer
 from susc_core.analysis.standardize import Standardization, finite_components, standardize
-from susc_core.analysis.token_classes import OTHER, TokenClasses, classify_table
+from susc_core.analysis.token_classes import TokenClasses, classify_table, extreme_class_shares
 from susc_core.analysis import validation
 from susc_core.analysis.replication import replication_rows
 from susc_core.analysis.results import RunResults
@@ -66,23 +66,6 @@ def class_score_means(analysis: Analysis, key: str, n_pcs: int) -> list[dict]:
     scores = analysis.pcas[key].scores
     k = min(n_pcs, scores.shape[1])
     return class_means(analysis.classes, analysis.rows, scores[:, :k], [f"PC{i + 1}" for i in range(k)])
-
-
-def extreme_class_shares(scores: np.ndarray, flags: np.ndarray, names: tuple[str, ...],
-                         fraction: float) -> list[dict]:
-    """The paper's Fig. 3 for one PC: per token class, the share of the lowest-scoring (``low``: the
-    expression side) and of the highest-scoring (``high``: the suppression side) ``fraction`` of tokens
-    that have the class, beside its share among all tokens (``all``). A token counts in every class it
-    has; ``other`` holds the tokens with none. scores: [n]; flags: [n, len(names)] bool; each end holds
-    max(1, round(fraction · n)) tokens. Classes no token has are left out."""
-    if not 0 < fraction <= 0.5:
-        raise ValueError(f"report.extreme_fraction must be in (0, 0.5]; got {fraction}")
-    flags = np.column_stack([flags, ~flags.any(axis=1)])
-    order = np.argsort(scores, kind="stable")
-    n_end = max(1, round(fraction * len(scores)))
-    ends = {"low": order[:n_end], "all": order, "high": order[len(order) - n_end:]}
-    return [{"class": name, **{end: float(flags[rows, j].mean()) for end, rows in ends.items()}}
-            for j, name in enumerate((*names, OTHER)) if flags[:, j].any()]
 
 
 def extreme_classes(analysis: Analysis, key: str, n_pcs: int, fraction: float) -> dict[str, list[dict]]:

@@ -3,8 +3,9 @@
 Figures: PC1 variance and sign uniformity per layer; PC2 AUC of the induction heads' loadings against
 the other heads' per PCA, with a bootstrap interval that resamples chains (each component's chains,
 with replacement, χ̂ recomputed from their sums) and tokens; PC2 class means (induction-pattern vs
-word-part tokens); PC3 loadings and delimiter class means; mean r against zero-ablation; slope and r
-of the aggregated per-token vs dataset-level χ; R-hat and ESS. Each row says whether the acceptance
+word-part tokens) and those classes' shares among PC2's extreme tokens (the paper's Fig. 3); PC3
+loadings and delimiter class means; mean r against zero-ablation; slope and r of the aggregated
+per-token vs dataset-level χ; R-hat and ESS. Each row says whether the acceptance
 rule of ``ReplicationConfig`` holds ("pass" / "flag"), "info" where there is no rule.
 
 PC signs: PCA signs are arbitrary, so PC2 is oriented here so that the induction heads' mean loading
@@ -23,6 +24,7 @@ import pyarrow as pa
 from susc_core.analysis.config import AnalysisConfig
 from susc_core.analysis.pca import pca
 from susc_core.analysis.standardize import standardize
+from susc_core.analysis.token_classes import extreme_class_shares
 from susc_core.analysis.validation import Check, diagnostic_flags, rank_auc
 from susc_core.stats.estimators import chi_from_sums
 
@@ -149,6 +151,13 @@ def replication_rows(z: np.ndarray, names: Sequence[str], pcas: Mapping, rows: n
             out.append(_row("PC2 mean token score by class (PC2 oriented: induction heads load +)", key,
                             ", ".join(f"{c} {v:+.3f}" for c, v in means.items()),
                             f"{a} and {b} on opposite sides", "pass" if opposite else "flag"))
+            ends = {r["class"]: r for r in extreme_class_shares(scores, flags, classes.names,
+                                                                cfg.report.extreme_fraction)}
+            out.append(_row(f"PC2 ends (Fig. 3): share of each class among the {100 * cfg.report.extreme_fraction:g}% "
+                            "lowest-scoring tokens (expressed by the induction heads) / all tokens / the highest",
+                            key, "; ".join(f"{c} {100 * ends[c]['low']:.0f}% / {100 * ends[c]['all']:.0f}% / "
+                                           f"{100 * ends[c]['high']:.0f}%" for c in rep.pc2_classes if c in ends),
+                            f"{a} at one end, {b} at the other", "info"))
             if len(res.loadings) >= 3:
                 pc3 = res.scores[:, 2]
                 delim = {c: float(pc3[flags[:, classes.names.index(c)]].mean()) for c in rep.pc3_classes

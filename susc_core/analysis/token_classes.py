@@ -131,3 +131,20 @@ def classify_table(table: pa.Table, rules: TokenClassRules) -> TokenClasses:
                              "repeated positions; token classes need every position of a context")
         flags[rows] = classify_context([texts[r] for r in rows], ids[rows], rules)
     return TokenClasses(CLASSES, flags, primary_class(flags, rules))
+
+
+def extreme_class_shares(scores: np.ndarray, flags: np.ndarray, names: tuple[str, ...],
+                         fraction: float) -> list[dict]:
+    """The paper's Fig. 3 for one PC: per token class, the share of the lowest-scoring (``low``: the
+    expression side) and of the highest-scoring (``high``: the suppression side) ``fraction`` of tokens
+    that have the class, beside its share among all tokens (``all``). A token counts in every class it
+    has; ``other`` holds the tokens with none. scores: [n]; flags: [n, len(names)] bool; each end holds
+    max(1, round(fraction · n)) tokens. Classes no token has are left out."""
+    if not 0 < fraction <= 0.5:
+        raise ValueError(f"report.extreme_fraction must be in (0, 0.5]; got {fraction}")
+    flags = np.column_stack([flags, ~flags.any(axis=1)])
+    order = np.argsort(scores, kind="stable")
+    n_end = max(1, round(fraction * len(scores)))
+    ends = {"low": order[:n_end], "all": order, "high": order[len(order) - n_end:]}
+    return [{"class": name, **{end: float(flags[rows, j].mean()) for end, rows in ends.items()}}
+            for j, name in enumerate((*names, OTHER)) if flags[:, j].any()]
