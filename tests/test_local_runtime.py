@@ -84,7 +84,7 @@ def test_ctrl_c_while_units_run_keeps_the_finished_ones_and_the_callers_runtime(
         return {(c, k): {"sum_g": np.array(float(k))} for c in unit.components for k in unit.chains}
 
     def ctrl_c_once_a_unit_is_cached() -> None:
-        while not any(store.has(u.key) for u in units):
+        while not any(store.get(u.key) is not None for u in units):
             time.sleep(POLL_S)
         if signal.getsignal(signal.SIGINT) is not previous:  # run_units' deferring handler, never pytest's own
             os.kill(os.getpid(), signal.SIGINT)
@@ -93,7 +93,7 @@ def test_ctrl_c_while_units_run_keeps_the_finished_ones_and_the_callers_runtime(
     with pytest.raises(KeyboardInterrupt):
         run_units(units, sleepy, {"seconds": UNIT_SECONDS}, ClusterConfig(address="local"), store)
     assert signal.getsignal(signal.SIGINT) is previous
-    cached = sum(store.has(u.key) for u in units)
+    cached = sum(store.get(u.key) is not None for u in units)
     assert 0 < cached < len(units) and f"interrupted: {cached} of {len(units)} units" in caplog.text
     assert ray_session.is_initialized() and ray_session.get(ray_session.remote(lambda: 1).remote()) == 1
 

@@ -120,6 +120,8 @@ def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, t
                                     f"cache_dir={tmp_path / 'fresh'}", name="fresh"))
     assert fresh["units_computed"] == fresh["units_total"]
     assert_same_results(tables(tmp_path / "second"), tables(tmp_path / "fresh"))
+    # every unit read from the cache ("third") gives what every unit handed over as computed gives ("fresh")
+    assert_same_results(tables(tmp_path / "third"), tables(tmp_path / "fresh"))
 
 
 @pytest.mark.parametrize("override, message", [

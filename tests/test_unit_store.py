@@ -39,15 +39,14 @@ def test_a_damaged_unit_is_named_moved_aside_and_counts_as_missing(tmp_path, how
     store = UnitStore(tmp_path)
     store.save("aaaa", STATS)
     store.save("bbbb", {("L0H1", 1): {"sum_g": np.array(9.0)}})
-    assert store.load("aaaa")[("L0H0", 0)]["sum_ga"].tolist() == [0, 1, 2, 3]
+    assert store.get("aaaa")[("L0H0", 0)]["sum_ga"].tolist() == [0, 1, 2, 3]
     _damage(store.path("aaaa"), how, store.path("bbbb"))
     with caplog.at_level(logging.WARNING, logger="unit_store"):
-        assert not store.has("aaaa")
+        assert store.get("aaaa") is None
     assert str(store.path("aaaa")) in caplog.text and "recomputed" in caplog.text
     assert not store.path("aaaa").exists() and len(list((tmp_path / CORRUPT_DIR).glob("aaaa.*.npz"))) == 1
-    with pytest.raises(ValueError, match="missing or was bad"):
-        store.load("aaaa")
-    assert store.has("bbbb")  # the other unit is untouched
+    assert store.get("aaaa") is None  # still missing
+    assert store.get("bbbb") is not None  # the other unit is untouched
 
 
 def test_run_units_recomputes_a_damaged_unit(tmp_path):
@@ -64,7 +63,9 @@ def test_run_units_recomputes_a_damaged_unit(tmp_path):
     store.path(units[1].key).write_bytes(b"garbage")
     report = run_units(units, task, {}, cluster, store)
     assert (report.cached, report.computed) == (1, 1) and calls == [u.key for u in units] + [units[1].key]
-    assert store.load(units[1].key)[("full", 1)]["sum_g"] == 1.0
+    assert store.get(units[1].key)[("full", 1)]["sum_g"] == 1.0
+    assert report.stats[units[1].key][("full", 1)]["sum_g"] == 1.0  # handed over as computed
+    assert report.stats[units[0].key] == store.get(units[0].key)  # handed over as read
     assert not list(tmp_path.glob("*.claim"))  # claims are released
 
 
@@ -110,4 +111,4 @@ def test_two_studies_on_one_cache_compute_every_unit_once(tmp_path):
     computed = log.read_text().split()
     assert sorted(computed) == sorted(u.key for u in units)  # each once, none lost
     store = UnitStore(tmp_path / "cache")
-    assert all(store.has(u.key) for u in units) and not list((tmp_path / "cache").glob("*.claim"))
+    assert all(store.get(u.key) is not None for u in units) and not list((tmp_path / "cache").glob("*.claim"))

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 from tqdm import tqdm
 
 from workflows.plan import WorkUnit
@@ -61,6 +62,7 @@ class RunReport:
     where: dict[str, int]  # "host:device" -> units computed there
     peak_rss_mib: float  # largest peak RSS of a process that computed a unit (NaN if none was computed)
     peak_cuda_mib: float  # largest CUDA peak allocation of a unit (NaN without CUDA)
+    stats: dict[str, UnitStats]  # unit key -> its statistics (as verified in the store, or as just computed and saved)
 
 
 def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_dir: str | None) -> tuple[UnitStats, dict]:
@@ -129,12 +131,18 @@ def init_ray(cluster: ClusterConfig) -> dict:
 
 
 def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, store: UnitStore) -> RunReport:
-    """Compute every unit missing from ``store``; finished units are saved as they arrive.
+    """Compute every unit missing from ``store``; finished units are saved as they arrive. Returns the
+    statistics of every unit with the report, each cached file read once (verified) and each computed unit
+    handed over as computed, so the caller never reads the store again.
 
     Units are claimed first (``UnitStore.claim``): those another study on the same cache is computing are
     waited for, polled every ``cluster.claim_poll_s``, and taken over if their claim goes stale."""
     start = time.perf_counter()
-    todo = [u for u in units if not store.has(u.key)]
+    done: dict[str, UnitStats] = {}
+    for unit in units:
+        if (cached := store.get(unit.key)) is not None:
+            done[unit.key] = cached
+    todo = [u for u in units if u.key not in done]
     log.info("%d work units: %d cached in %s, %d to compute (executor=%s)",
              len(units), len(units) - len(todo), store.root, len(todo), cluster.executor)
     where: dict[str, int] = {}
@@ -145,6 +153,9 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
 
     def finish(unit: WorkUnit, stats: UnitStats, info: dict) -> None:
         store.save(unit.key, stats)
+        # copies: arrays from Ray are read-only views that would pin its object store
+        done[unit.key] = {chain: {name: np.array(value) for name, value in fields.items()}
+                          for chain, fields in stats.items()}
         store.release(unit.key)
         claimed.discard(unit.key)
         store.refresh(claimed)
@@ -160,13 +171,15 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         mine, others = [], []
         for unit in candidates:  # not in the store when last looked at
             if store.claim(unit.key):
-                if not store.has(unit.key):  # not finished by another study before the claim
+                if (cached := store.get(unit.key)) is None:  # not finished by another study before the claim
                     claimed.add(unit.key)
                     mine.append(unit)
                     continue
                 store.release(unit.key)
+                done[unit.key] = cached
                 bar.update(1)
-            elif store.has(unit.key):  # finished by the study that held it
+            elif (cached := store.get(unit.key)) is not None:  # finished by the study that held it
+                done[unit.key] = cached
                 bar.update(1)
             else:
                 others.append(unit)
@@ -193,7 +206,7 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
                 mine, others = claim(others)
     except KeyboardInterrupt:
         log.warning("interrupted: %d of %d units are finished and cached in %s; rerun the same command to "
-                    "compute only the rest", sum(store.has(u.key) for u in units), len(units), store.root)
+                    "compute only the rest", len(done), len(units), store.root)
         raise
     finally:
         for key in claimed:
@@ -201,7 +214,7 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         bar.close()
     computed = sum(where.values())
     return RunReport(len(units), len(units) - computed, computed, time.perf_counter() - start, where,
-                     _largest(p[0] for p in peaks), _largest(p[1] for p in peaks))
+                     _largest(p[0] for p in peaks), _largest(p[1] for p in peaks), done)
 
 
 def _largest(values) -> float:

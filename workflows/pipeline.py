@@ -34,7 +34,7 @@ from workflows.reduce import collect, to_fields
 from workflows.runtime import get_logger, provenance, resolve_device
 from workflows.study_config import DiagnosticsSection, StudyConfig
 from workflows.study_data import StudyInputs
-from workflows.unit_store import UnitStore
+from workflows.unit_store import UnitStats, UnitStore
 
 log = get_logger("study")
 
@@ -93,8 +93,8 @@ def _preflight(cfg: StudyConfig, inputs: StudyInputs, planned: list[str], store:
     unit = WorkUnit(tuple(planned), (), 0, content_hash({"preflight": fingerprint, **settings}))
     log.info("curvature pre-flight: %d components, %d power iterations on %d contexts", len(planned),
              d.preflight_iters, d.preflight_contexts)
-    run_units([unit], preflight_task, shared, cfg.cluster, store)
-    curvature = {name: float(fields["curvature"]) for (name, _), fields in store.load(unit.key).items()}
+    report = run_units([unit], preflight_task, shared, cfg.cluster, store)
+    curvature = {name: float(fields["curvature"]) for (name, _), fields in report.stats[unit.key].items()}
     return screening.check_preflight(curvature, cfg.sampler, d)
 
 
@@ -191,20 +191,19 @@ def run_plan(cfg: StudyConfig, inputs: StudyInputs, plan: StudyPlan, run_dir: Pa
     shared = _shared(cfg, inputs)
     stability = _preflight(cfg, inputs, plan.planned, store, shared)
     report = run_units(plan.units, unit_task, shared, cfg.cluster, store)
-    stats, diagnostics = _screened(plan.units, store, stability, cfg.sampler, cfg.diagnostics,
+    stats, diagnostics = _screened(plan.units, report.stats, stability, cfg.sampler, cfg.diagnostics,
                                    run_dir / "diagnostics.parquet")
     dataset = (_dataset_level_run(cfg, inputs, plan.planned, store, run_dir, stability)
                if cfg.dataset_level.enabled else None)
     return Sampled(stats, diagnostics, dataset, report)
 
 
-def _screened(units: list[WorkUnit], store: UnitStore, stability: dict[str, float], sampler: SamplerConfig,
-              diagnostics_cfg: DiagnosticsSection, path: Path) -> tuple[dict, pa.Table]:
-    """The finished units' per-(component, chain) statistics, screened (``screening.screen``); their diagnostics
-    table is written to ``path`` before the divergence policy (enforced last) can stop the study.
-    Returns (component -> [ChainStats], the diagnostics table)."""
-    screened = screening.screen(collect(units, {u.key: store.load(u.key) for u in units}), stability, sampler,
-                                diagnostics_cfg)
+def _screened(units: list[WorkUnit], loaded: dict[str, UnitStats], stability: dict[str, float],
+              sampler: SamplerConfig, diagnostics_cfg: DiagnosticsSection, path: Path) -> tuple[dict, pa.Table]:
+    """The finished units' per-(component, chain) statistics (``loaded``: unit key -> statistics, from
+    ``run_units``), screened (``screening.screen``); their diagnostics table is written to ``path`` before the
+    divergence policy (enforced last) can stop the study. Returns (component -> [ChainStats], the diagnostics table)."""
+    screened = screening.screen(collect(units, loaded), stability, sampler, diagnostics_cfg)
     chains = {comp: list(range(sampler.n_chains)) for comp in screened.stats}
     diagnostics = outputs.diagnostics_table(screened.stats, sampler.nbeta, chains, screened.flags)
     outputs.write_parquet(diagnostics, path)
@@ -325,8 +324,9 @@ def _dataset_level_run(cfg: StudyConfig, inputs: StudyInputs, planned: list[str]
     log.info("independent dataset-level run: %d components × %d chains × %d draws (batch %d, seed %d) on %d held-out "
              "probe contexts; %d units", len(planned), sampler.n_chains, sampler.n_draws, sampler.batch_size, dl.seed,
              len(held_out), len(units))
-    run_units(units, unit_task, _shared(run_cfg, sub), cfg.cluster, store)
-    stats, _ = _screened(units, store, stability, sampler, cfg.diagnostics, run_dir / "dataset_level_diagnostics.parquet")
+    report = run_units(units, unit_task, _shared(run_cfg, sub), cfg.cluster, store)
+    stats, _ = _screened(units, report.stats, stability, sampler, cfg.diagnostics,
+                         run_dir / "dataset_level_diagnostics.parquet")
     names = list(dict.fromkeys(probes))
     token_probe = np.repeat([names.index(probes[i]) for i in held_out], inputs.probe.shape[1] - 1)
     return outputs.DatasetRun(stats, token_probe, f"independent dataset-level run: seed {dl.seed}, {sampler.n_chains} "

@@ -70,10 +70,6 @@ class UnitStore:
     def claim_path(self, key: str) -> Path:
         return self.root / f"{key}.claim"
 
-    def has(self, key: str) -> bool:
-        """Whether a verified file of ``key`` exists (a bad one is moved aside: see the module docstring)."""
-        return self._read(key) is not None
-
     def save(self, key: str, stats: UnitStats) -> None:
         flat = {SEP.join((comp, str(chain), name)): np.asarray(value)
                 for (comp, chain), fields in stats.items() for name, value in fields.items()}
@@ -81,15 +77,9 @@ class UnitStore:
         np.savez(tmp, **flat, **{KEY_ENTRY: np.array(key), CHECKSUM_ENTRY: np.array(checksum(flat))})
         tmp.replace(self.path(key))
 
-    def load(self, key: str) -> UnitStats:
-        """The unit's statistics; raises if its file is missing or bad (the bad file is moved aside)."""
-        out = self._read(key)
-        if out is None:
-            raise ValueError(f"cached unit {self.path(key)} is missing or was bad (see the warning above); rerun the "
-                             f"study to recompute it")
-        return out
-
-    def _read(self, key: str) -> UnitStats | None:
+    def get(self, key: str) -> UnitStats | None:
+        """The unit's statistics if a verified file of ``key`` exists, else None (a bad file is moved aside and
+        counts as missing: see the module docstring). The file is read whole, once per call."""
         path = self.path(key)
         if not path.exists():
             return None
