@@ -60,6 +60,24 @@ def test_chain_statistics_do_not_depend_on_grouping(device):
     assert not np.allclose(together[("L1H1", 0)].g_trace, together[("L1H1", 1)].g_trace)
 
 
+
+def test_progress_counts_every_chain_draw_of_the_plan_and_changes_nothing(device):
+    """``on_progress`` gets (chain·draws done, of the unit) after every draw of every planned stack, in order, ending
+    at the total; the statistics are bitwise those of a run without it."""
+    params, (train, obs, probe) = _setup(CFG)
+    names, chains, calls = ["L0H1", "L1H*", "full"], [0, 1], []
+    reported = run_unit(CFG, params, names, chains, SAMPLER, UnitContexts(train, obs, probe), seed=3, device=device,
+                        on_progress=lambda done, total: calls.append((done, total)))
+    plain = run_unit(CFG, params, names, chains, SAMPLER, UnitContexts(train, obs, probe), seed=3, device=device)
+    # the plan's stacks in order: layer-1 heads (2 heads x 2 chains), layer-0 head (1 x 2), full (1 x 2); 3 draws each
+    total = (4 + 2 + 2) * SAMPLER.n_draws
+    expected = [(before + size * d, total) for before, size in ((0, 4), (12, 2), (18, 2))
+                for d in range(1, SAMPLER.n_draws + 1)]
+    assert calls == expected and calls[-1] == (total, total)
+    assert reported.keys() == plain.keys()
+    for key in plain:
+        assert all(np.array_equal(getattr(reported[key], f), getattr(plain[key], f)) for f in ("g_trace", "sum_ga"))
+
 def test_divergence_policies(device):
     params, (train, obs, probe) = _setup(CFG)
     wild = SamplerConfig(**{**SAMPLER.__dict__, "step_size": 0.5, "gamma": 1.0, "nbeta": 1e4, "blowup_nats": 1.0})

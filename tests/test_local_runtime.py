@@ -4,6 +4,7 @@ client without it is refused, and it leaves no process behind, also when the stu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -79,7 +80,7 @@ def test_ctrl_c_while_units_run_keeps_the_finished_ones_and_the_callers_runtime(
     units = plan_units(["L0H0", "full"], 4, 1, 0, 1, {"test": "ctrl-c"})  # 8 units, 2 at a time on 2 CPUs
     store, previous = UnitStore(tmp_path), signal.getsignal(signal.SIGINT)
 
-    def sleepy(unit, shared):
+    def sleepy(unit, shared, on_progress):
         time.sleep(shared["seconds"])
         return {(c, k): {"sum_g": np.array(float(k))} for c in unit.components for k in unit.chains}
 
@@ -206,3 +207,29 @@ def test_ctrl_c_at_any_moment_stops_cleanly_and_the_rerun_resumes(tmp_path, tiny
         assert not (cache / "corrupt").exists() and not left
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+DRAW_SECONDS = 1.0  # the progress test's units sleep this long per draw
+
+
+def test_units_reporting_draws_outlive_the_wait_timeout_and_silent_ones_do_not(ray_session, tmp_path, caplog):
+    """The wait for units goes by their progress: units that take longer than ``cluster.wait_timeout_s`` but report
+    a draw more often than that finish (with the progress and time left logged); units reporting nothing for
+    longer than it end in the TimeoutError that names the setting."""
+    def drawing(unit, shared, on_progress):
+        for draw in range(1, shared["draws"] + 1):
+            time.sleep(DRAW_SECONDS)
+            if shared["report"]:
+                on_progress(draw, shared["draws"])
+        return {(c, k): {"sum_g": np.array(float(k))} for c in unit.components for k in unit.chains}
+
+    units = plan_units(["L0H0", "full"], 1, 1, 1, 1, {"test": "progress"})  # 2 units, one per CPU
+    reporting = ClusterConfig(address="local", wait_timeout_s=7 * DRAW_SECONDS, progress_interval_s=0.0,
+                              progress_log_s=0.0, interrupt_poll_s=POLL_S)  # above a worker's start, below a unit
+    with caplog.at_level("INFO", logger="progress"):
+        report = run_units(units, drawing, {"report": True, "draws": 10}, reporting, UnitStore(tmp_path / "reporting"))
+    assert report.computed == 2
+    assert re.search(r"units: 0\.\d\d of 2 done \(2 in flight\); time left ~\d+\.\d min", caplog.text), caplog.text
+    silent = dataclasses.replace(reporting, wait_timeout_s=2 * DRAW_SECONDS)
+    with pytest.raises(TimeoutError, match=r"no unit finished or reported a draw in 2\.0 s: .*raise cluster\.wait_timeout_s"):
+        run_units(units, drawing, {"report": False, "draws": 4}, silent, UnitStore(tmp_path / "silent"))

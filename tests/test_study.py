@@ -100,11 +100,11 @@ def test_interrupted_study_resumes_and_recomputes_only_missing_units(tmp_path, t
     calls = {"n": 0}
     real_task = pipeline.unit_task
 
-    def interrupted(unit, shared):
+    def interrupted(unit, shared, on_progress):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_task(unit, shared)
+        return real_task(unit, shared, on_progress)
 
     monkeypatch.setattr(pipeline, "unit_task", interrupted)
     with pytest.raises(KeyboardInterrupt):

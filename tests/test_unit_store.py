@@ -54,7 +54,7 @@ def test_run_units_recomputes_a_damaged_unit(tmp_path):
     store = UnitStore(tmp_path)
     calls = []
 
-    def task(unit, shared):
+    def task(unit, shared, on_progress):
         calls.append(unit.key)
         return {(c, k): {"sum_g": np.array(float(k))} for c in unit.components for k in unit.chains}
 
@@ -89,7 +89,7 @@ def test_claims_respect_live_studies_and_take_over_dead_ones(tmp_path):
 
 
 def _study(root: str, keys_log: str, units) -> None:
-    def task(unit, shared):
+    def task(unit, shared, on_progress):
         with open(keys_log, "a") as f:
             f.write(unit.key + "\n")
         time.sleep(0.3)

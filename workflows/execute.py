@@ -20,12 +20,13 @@ import numpy as np
 from tqdm import tqdm
 
 from workflows.plan import WorkUnit
+from workflows.progress import Board, Reporter, View, sender
 from workflows.runtime import Interrupt, authenticate_local_runtime, deferred_sigint, get_logger
 from workflows.unit_store import UnitStats, UnitStore
 
 log = get_logger("execute")
 
-Task = Callable[[WorkUnit, dict], UnitStats]
+Task = Callable[[WorkUnit, dict, Callable[[int, int], None]], UnitStats]  # (unit, shared, on_progress) -> statistics
 _CONNECTED_HERE: list[bool] = [False]  # whether init_ray made this process's Ray connection (then it may end it)
 
 
@@ -42,7 +43,9 @@ class ClusterConfig:
     task_gpus: float = 0.0  # GPU fraction reserved per unit (e.g. 0.25 packs four units per GPU)
     max_in_flight: int = 0  # cap on submitted, unfinished units; 0: twice the cluster's slots
     max_retries: int = 3  # Ray re-runs a unit whose worker process died
-    wait_timeout_s: float = 600.0  # no unit finishing for this long means the request cannot be scheduled
+    wait_timeout_s: float = 600.0  # no unit finishing or reporting a draw for this long: the request cannot be scheduled
+    progress_interval_s: float = 5.0  # a unit reports its draws to the driver at most this often
+    progress_log_s: float = 60.0  # the driver logs the units' progress and the time left this often
     interrupt_poll_s: float = 0.5  # how often the wait for units looks for a Ctrl-C (SIGINT is deferred while on Ray)
     claim_poll_s: float = 2.0  # how often to look for units another study on the same cache is computing
     claim_stale_s: float = 3600.0  # another host's claim on a unit not refreshed for this long is taken over
@@ -65,8 +68,12 @@ class RunReport:
     stats: dict[str, UnitStats]  # unit key -> its statistics (as verified in the store, or as just computed and saved)
 
 
-def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_dir: str | None) -> tuple[UnitStats, dict]:
-    """Run one unit; returns its statistics and where/how long it ran, with the process's peak memory."""
+def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_dir: str | None, sink,
+                   interval_s: float) -> tuple[UnitStats, dict]:
+    """Run one unit; returns its statistics and where/how long it ran, with the process's peak memory. Its draws
+    are reported to ``sink`` (``progress.sender``) at most every ``interval_s`` seconds."""
+    on_progress = Reporter(sender(sink), unit.key, interval_s)
+    on_progress(0, 0)  # started: a sign of life before torch is imported and the first draw is taken
     import torch
 
     from susc_core.engine.memory import peak_memory_mib, reset_peak_memory
@@ -83,7 +90,7 @@ def _run_with_info(task: Task, unit: WorkUnit, shared: dict, threads: int, kill_
         reset_peak_memory("cuda")
     start = time.perf_counter()
     try:
-        stats = task(unit, shared)
+        stats = task(unit, shared, on_progress)
     finally:
         torch.set_num_threads(previous)
     return stats, {"host": socket.gethostname(), "node": _ray_node_id(), "pid": os.getpid(),
@@ -148,7 +155,8 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
     where: dict[str, int] = {}
     peaks: list[tuple[float, float]] = []  # (RSS, CUDA) of every computed unit
     bar = tqdm(total=len(units), initial=len(units) - len(todo), desc="units", unit="unit", dynamic_ncols=True,
-               file=sys.stderr)
+               file=sys.stderr, bar_format="{l_bar}{bar}| {n:.2f}/{total} [{elapsed}<{remaining}]")
+    view = View(bar, cluster.progress_log_s)
     claimed: set[str] = set()
 
     def finish(unit: WorkUnit, stats: UnitStats, info: dict) -> None:
@@ -165,7 +173,7 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
         node = f"Ray node {info['node']}, " if info["node"] else ""
         log.info("unit %s finished on %s (%spid %d) in %.1f s; peak RSS of the process %.0f MiB", unit.label(), place,
                  node, info["pid"], info["seconds"], info["peak_rss_mib"])
-        bar.update(1)
+        view.unit_done(unit.key)
 
     def claim(candidates: list[WorkUnit]) -> tuple[list[WorkUnit], list[WorkUnit]]:
         mine, others = [], []
@@ -177,10 +185,10 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
                     continue
                 store.release(unit.key)
                 done[unit.key] = cached
-                bar.update(1)
+                view.unit_done(unit.key)
             elif (cached := store.get(unit.key)) is not None:  # finished by the study that held it
                 done[unit.key] = cached
-                bar.update(1)
+                view.unit_done(unit.key)
             else:
                 others.append(unit)
         return mine, others
@@ -194,10 +202,11 @@ def run_units(units: list[WorkUnit], task: Task, shared: dict, cluster: ClusterC
                          "waiting for those", len(others), store.root, len(mine))
             if cluster.executor == "inprocess":
                 for unit in mine:
-                    finish(unit, *_run_with_info(task, unit, shared, threads, None))
+                    finish(unit, *_run_with_info(task, unit, shared, threads, None, view.report,
+                                                 cluster.progress_interval_s))
             elif cluster.executor == "ray":
                 if mine:
-                    _run_on_ray(mine, task, shared, cluster, threads, finish)
+                    _run_on_ray(mine, task, shared, cluster, threads, finish, view)
             else:
                 raise ValueError(f"cluster.executor={cluster.executor!r}; choose 'ray' or 'inprocess'")
             mine = []
@@ -223,7 +232,7 @@ def _largest(values) -> float:
 
 
 def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,
-                finish: Callable) -> None:
+                finish: Callable, view: View) -> None:
     """Run ``todo`` as Ray tasks (``_submit_and_collect``), handing each finished unit to ``finish``.
 
     Ctrl-C (SIGINT) is deferred for the whole of it, Ray's start-up included (``deferred_sigint``): the wait loop
@@ -237,7 +246,7 @@ def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: Cluster
         pending: dict = {}
         try:
             if not interrupt.requested:  # Ctrl-C during start-up: nothing submitted yet
-                _submit_and_collect(todo, task, shared, cluster, threads, finish, resources, pending, interrupt)
+                _submit_and_collect(todo, task, shared, cluster, threads, finish, resources, pending, interrupt, view)
         except BaseException:
             _leave_in_flight(pending, finish)
             raise
@@ -252,40 +261,80 @@ def _run_on_ray(todo: list[WorkUnit], task: Task, shared: dict, cluster: Cluster
 
 
 def _submit_and_collect(todo: list[WorkUnit], task: Task, shared: dict, cluster: ClusterConfig, threads: int,
-                        finish: Callable, resources: dict, pending: dict, interrupt: Interrupt) -> None:
+                        finish: Callable, resources: dict, pending: dict, interrupt: Interrupt, view: View) -> None:
     """Submit units, keeping at most twice the cluster's slots (or ``cluster.max_in_flight``) in flight, and
     finish each as it arrives; returns when all are done or a Ctrl-C is requested. ``pending`` (ref -> unit)
-    holds the units in flight on return."""
+    holds the units in flight on return. The units report their draws to a ``progress.Board`` actor, which
+    ``view`` reads while waiting."""
     import ray
 
     slots = max(1, int(resources.get("CPU", 1) // max(cluster.task_cpus, 1e-9)))
     cap = cluster.max_in_flight or 2 * slots
     shared_ref = ray.put(shared)  # weights and contexts go into the object store once
+    board = _BoardReader(_start_board())
     remote = ray.remote(_run_with_info).options(num_cpus=cluster.task_cpus, num_gpus=cluster.task_gpus,
                                                 max_retries=cluster.max_retries, num_returns=1)
     queue = list(todo)
     while (queue or pending) and not interrupt.requested:
         while queue and len(pending) < cap:
             unit = queue.pop(0)
-            pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir)] = unit
-        for ref in _wait_for_one(pending, cluster, interrupt):
+            pending[remote.remote(task, unit, shared_ref, threads, cluster.kill_worker_once_dir, board.actor,
+                                  cluster.progress_interval_s)] = unit
+        for ref in _wait_for_one(pending, cluster, interrupt, view, board):
             finish(pending.pop(ref), *ray.get(ref))
 
 
-def _wait_for_one(pending: dict, cluster: ClusterConfig, interrupt: Interrupt) -> list:
-    """The refs of ``pending`` that are ready once at least one is, looking for a Ctrl-C every
-    ``cluster.interrupt_poll_s`` (an empty list when one came). No unit finishing within
-    ``cluster.wait_timeout_s`` is a TimeoutError."""
+def _start_board():
+    """The units' ``progress.Board`` actor: no CPU, on the driver's node when it can be (a study that loses its
+    driver's node is over anyway), restarted empty by Ray if its node goes (the units' next reports refill it)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(Board).options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote()
+
+
+class _BoardReader:
+    """The driver's reads of the units' ``progress.Board`` actor without waiting on it: one snapshot request in
+    flight at a time, taken when ready (the actor's own start-up never holds up the wait for units). Progress is
+    never worth a study: a failed read counts as no news."""
+
+    def __init__(self, actor):
+        self.actor, self.request = actor, actor.snapshot.remote()
+
+    def poll(self) -> dict | None:
+        """The newest snapshot if one has arrived since the last call (then a new one is requested), else None."""
+        import ray
+
+        ready, _ = ray.wait([self.request], timeout=0)
+        if not ready:
+            return None
+        try:
+            snapshot = ray.get(self.request)
+        except ray.exceptions.RayError as error:  # the board's node went; Ray restarts it
+            log.warning("progress board unavailable (%s); the units' next reports refill it", type(error).__name__)
+            snapshot = None
+        self.request = self.actor.snapshot.remote()
+        return snapshot
+
+
+def _wait_for_one(pending: dict, cluster: ClusterConfig, interrupt: Interrupt, view: View,
+                  board: _BoardReader) -> list:
+    """The refs of ``pending`` that are ready once at least one is, looking for a Ctrl-C and reading the units'
+    progress from ``board`` into ``view`` every ``cluster.interrupt_poll_s`` (an empty list when a Ctrl-C came).
+    No unit finishing or reporting a draw within ``cluster.wait_timeout_s`` is a TimeoutError."""
     import ray
 
-    deadline = time.monotonic() + cluster.wait_timeout_s
     while not interrupt.requested:
-        left = deadline - time.monotonic()
+        if (snapshot := board.poll()) is not None:
+            view.update(snapshot)
+        left = view.last_change + cluster.wait_timeout_s - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"no unit finished in {cluster.wait_timeout_s} s: either the cluster lacks the "
-                               f"requested resources (task_cpus={cluster.task_cpus}, task_gpus={cluster.task_gpus}) "
-                               f"or a unit takes longer than that (raise cluster.wait_timeout_s, or split units "
-                               f"with units.components_per_unit / units.probe_shards); finished units are cached")
+            raise TimeoutError(f"no unit finished or reported a draw in {cluster.wait_timeout_s} s: either the cluster "
+                               f"lacks the requested resources (task_cpus={cluster.task_cpus}, task_gpus="
+                               f"{cluster.task_gpus}) or a draw takes longer than that (raise cluster.wait_timeout_s, "
+                               f"or split units with units.components_per_unit / units.probe_shards); finished units "
+                               f"are cached")
         done, _ = ray.wait(list(pending), num_returns=1, timeout=min(cluster.interrupt_poll_s, left))
         if done:
             return done

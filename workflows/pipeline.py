@@ -13,6 +13,7 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -51,25 +52,26 @@ def _adapter(shared: dict):
     return load_adapter(adapter) if isinstance(adapter, AdapterSpec) else adapter
 
 
-def unit_task(unit: WorkUnit, shared: dict) -> dict:
+def unit_task(unit: WorkUnit, shared: dict, on_progress: Callable[[int, int], None]) -> dict:
     """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields.
 
     The bundled model's weights travel in ``shared``; an adapter model travels as its ``AdapterSpec``
-    (or as the adapter itself, for a model built in memory)."""
+    (or as the adapter itself, for a model built in memory). on_progress: (chain·draws done, of the unit)."""
     contexts = UnitContexts(shared["train"], shared["obs"], shared["probe_shards"][unit.shard])
     args = (list(unit.components), list(unit.chains), shared["sampler"], contexts, shared["seed"])
     device = resolve_device(shared["device"])  # resolved where the unit runs
     if shared["adapter"] is None:
         stats = run_unit(shared["model_cfg"], shared["w_star"], *args, device=device,
-                         chunk_tokens=_chunk_tokens(shared, device))
+                         chunk_tokens=_chunk_tokens(shared, device), on_progress=on_progress)
     else:
         stats = run_adapter_unit(_adapter(shared), *args, device=device,
-                                 memory_budget_mib=shared["memory_budget_mib"])
+                                 memory_budget_mib=shared["memory_budget_mib"], on_progress=on_progress)
     return to_fields(stats)
 
 
-def preflight_task(unit: WorkUnit, shared: dict) -> dict:
-    """Ray task body: the curvature pre-flight of the unit's components -> {(name, -1): {"curvature": λ}}."""
+def preflight_task(unit: WorkUnit, shared: dict, on_progress: Callable[[int, int], None]) -> dict:
+    """Ray task body: the curvature pre-flight of the unit's components -> {(name, -1): {"curvature": λ}}
+    (it takes no draws, so it reports none: ``on_progress`` is unused)."""
     d = shared["diagnostics"]
     args = (list(unit.components), shared["train"], d.preflight_contexts, d.preflight_iters, d.preflight_fd_step,
             shared["seed"])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import partial
+from typing import Callable
 
 import torch
 from torch.func import vmap
@@ -87,7 +88,8 @@ def chains_per_pass_for_budget(group: AdapterGroup, w_star: torch.Tensor, tokens
 
 def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
                      contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
-                     memory_budget_mib: float | None = None) -> dict[tuple[str, int], ChainStats]:
+                     memory_budget_mib: float | None = None,
+                     on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     contexts: the unit's training pool, observable and probe contexts (``UnitContexts``).
@@ -95,7 +97,8 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
     (``chains_per_pass_for_budget``), replacing ``sampler.chains_per_pass``. ``sampler.forward_dtype``
     "bfloat16" runs the gradient forward under autocast; master weights and observables stay fp32.
     Returns {(component, chain): ChainStats}; diverged chains raise (policy "fail") or are returned
-    flagged with a warning ("drop"). Logs the peak memory (``peak_memory_mib``).
+    flagged with a warning ("drop"). Logs the peak memory (``peak_memory_mib``). on_progress: called after every
+    draw with (chain·draws done, chain·draws of the unit).
     """
     if not chains or len(set(chains)) != len(chains) or min(chains) < 0:
         raise ValueError(f"chains must be distinct non-negative indices, got {chains}")
@@ -117,7 +120,8 @@ def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[
             run_sampler = dataclasses.replace(sampler, chains_per_pass=fit)
             log.info("%s: %d chain(s) per pass fit %g MiB", name, fit, memory_budget_mib)
         plan.append(PlannedGroup(group, [(name, c) for c in chains], w_star, run_sampler))
-    results = sample_plan(plan, contexts, ref, seed, adapter.loss_chunk_tokens, sampler.divergence_policy)
+    results = sample_plan(plan, contexts, ref, seed, adapter.loss_chunk_tokens, sampler.divergence_policy,
+                          on_progress)
     log.info("peak memory %.1f MiB on %s", peak_memory_mib(device), device)
     return results
 

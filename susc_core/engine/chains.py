@@ -107,12 +107,14 @@ def _loss_and_grad(group: Group, passes: list[Rows], autocast, w: torch.Tensor,
 
 
 def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, contexts: UnitContexts,
-                  ref: Reference, sampler: SamplerConfig, chunk_tokens: int) -> Accumulator:
+                  ref: Reference, sampler: SamplerConfig, chunk_tokens: int,
+                  on_draw: Callable[[int], None] | None = None) -> Accumulator:
     """Run K = len(streams.noise) chains from w_star ([dim], or [K, dim]: one start per chain); returns their
     on-device statistics.
 
     streams: the chains' noise generators and minibatch schedule (indices into ``contexts.train``); the
-    observables are read on ``contexts.obs`` and ``contexts.probe``.
+    observables are read on ``contexts.obs`` and ``contexts.probe``. on_draw: called with the number of draws
+    taken so far after each draw (progress only; it reads nothing from the device).
     """
     train = contexts.train
     n_chains, device = len(streams.noise), w_star.device
@@ -140,6 +142,8 @@ def sample_chains(group: Group, w_star: torch.Tensor, streams: ChainStreams, con
             mark_divergence(acc, step, bad)
             add_draw(acc, draw, g, a)
             draw += 1
+            if on_draw is not None:
+                on_draw(draw)
     return acc
 
 
@@ -154,15 +158,26 @@ class PlannedGroup(NamedTuple):
 
 
 def sample_plan(plan: Iterable[PlannedGroup], contexts: UnitContexts, ref: Reference, seed: int, chunk_tokens: int,
-                policy: str) -> dict[tuple[str, int], ChainStats]:
+                policy: str, on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
     """The work-unit loop every model shares: each planned stack with its streams (``seeds.chain_streams``)
-    through ``sample_chains``; returns {(component, chain): ChainStats} after the divergence ``policy``."""
+    through ``sample_chains``; returns {(component, chain): ChainStats} after the divergence ``policy``.
+    on_progress: called after every draw with (chain·draws done, chain·draws of the whole plan)."""
+    plan = list(plan)
     loss_star, a_star = float(ref.loss_star), ref.a_star.cpu().numpy()
+    total = sum(len(members) * sampler.n_draws for _, members, _, sampler in plan)
     results: dict[tuple[str, int], ChainStats] = {}
+    done = 0
     for group, members, w_star, sampler in plan:
         streams = chain_streams(seed, members, sampler.share_minibatches, len(contexts.train), sampler.n_steps,
                                 sampler.batch_size, w_star.device)
-        acc = sample_chains(group, w_star, streams, contexts, ref, sampler, chunk_tokens)
+        on_draw = None if on_progress is None else partial(_report, on_progress, done, len(members), total)
+        acc = sample_chains(group, w_star, streams, contexts, ref, sampler, chunk_tokens, on_draw)
         results.update(zip(members, to_chain_stats(acc, loss_star, a_star)))
+        done += len(members) * sampler.n_draws
     enforce_divergence_policy(results, policy)
     return results
+
+
+def _report(on_progress: Callable[[int, int], None], before: int, chains: int, total: int, draws: int) -> None:
+    """``on_progress`` of a plan's stack: ``before`` chain·draws of earlier stacks plus ``draws`` of its ``chains``."""
+    on_progress(before + chains * draws, total)

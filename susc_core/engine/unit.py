@@ -14,6 +14,7 @@ minibatch stream and shared by the chains that read it: chain k of every compone
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Callable
 
 import torch
 
@@ -57,7 +58,8 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
 
 def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chains: list[int],
              sampler: SamplerConfig, contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
-             mode: str = "batched", chunk_tokens: int = LOSS_CHUNK_TOKENS) -> dict[tuple[str, int], ChainStats]:
+             mode: str = "batched", chunk_tokens: int = LOSS_CHUNK_TOKENS,
+             on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     w_star: the checkpoint's parameters (any device; used as fp32 master weights on ``device``).
@@ -65,7 +67,8 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     Returns {(component, chain): ChainStats} with n_draws draws each. Diverged chains raise
     (policy "fail") or are returned flagged with a warning (policy "drop"). mode: "batched" or
     "reference" (the sequential plan, for tests and benchmarks). chunk_tokens: token rows of vocabulary
-    logits held at once (speed and memory; a study passes ``model.loss_chunk_tokens``).
+    logits held at once (speed and memory; a study passes ``model.loss_chunk_tokens``). on_progress: called
+    after every draw with (chain·draws done, chain·draws of the unit) (``chains.sample_plan``).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -83,7 +86,7 @@ def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chai
     plan = (plan_batched if mode == "batched" else plan_reference)(params, model_cfg, names, list(chains), chunk_tokens)
     starts = (torch.stack([gather(params, component(model_cfg, name)) for name, _ in members]) for _, members in plan)
     return sample_plan((PlannedGroup(group, members, w0, sampler) for (group, members), w0 in zip(plan, starts)),
-                       contexts, ref, seed, chunk_tokens, sampler.divergence_policy)
+                       contexts, ref, seed, chunk_tokens, sampler.divergence_policy, on_progress)
 
 
 def preflight_curvature(model_cfg: ModelConfig, w_star: Params, components: list[str], train_contexts: torch.Tensor,
