@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
+from susc_core.engine.chains import OnProgress
 from workflows.plan import WorkUnit
 from workflows.progress import Board, Reporter, View, sender
 from workflows.runtime import Interrupt, authenticate_local_runtime, deferred_sigint, get_logger
@@ -26,7 +27,7 @@ from workflows.unit_store import UnitStats, UnitStore
 
 log = get_logger("execute")
 
-Task = Callable[[WorkUnit, dict, Callable[[int, int], None]], UnitStats]  # (unit, shared, on_progress) -> statistics
+Task = Callable[[WorkUnit, dict, OnProgress], UnitStats]  # (unit, shared, on_progress) -> statistics
 _CONNECTED_HERE: list[bool] = [False]  # whether init_ray made this process's Ray connection (then it may end it)
 
 

@@ -13,7 +13,6 @@ import json
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -22,6 +21,7 @@ import torch
 from susc_core.adapters.engine import adapter_preflight_curvature, run_adapter_unit
 from susc_core.adapters.load import AdapterSpec, load_adapter
 from susc_core.model.components import FULL, expand_names
+from susc_core.engine.chains import OnProgress
 from susc_core.engine.inputs import UnitContexts
 from susc_core.engine.seeds import study_generator
 from susc_core.engine.sgld import SamplerConfig
@@ -52,7 +52,7 @@ def _adapter(shared: dict):
     return load_adapter(adapter) if isinstance(adapter, AdapterSpec) else adapter
 
 
-def unit_task(unit: WorkUnit, shared: dict, on_progress: Callable[[int, int], None]) -> dict:
+def unit_task(unit: WorkUnit, shared: dict, on_progress: OnProgress) -> dict:
     """Ray task body (plain Python): SGLD chains of one unit on its probe shard -> cacheable fields.
 
     The bundled model's weights travel in ``shared``; an adapter model travels as its ``AdapterSpec``
@@ -69,7 +69,7 @@ def unit_task(unit: WorkUnit, shared: dict, on_progress: Callable[[int, int], No
     return to_fields(stats)
 
 
-def preflight_task(unit: WorkUnit, shared: dict, on_progress: Callable[[int, int], None]) -> dict:
+def preflight_task(unit: WorkUnit, shared: dict, on_progress: OnProgress) -> dict:
     """Ray task body: the curvature pre-flight of the unit's components -> {(name, -1): {"curvature": λ}}
     (it takes no draws, so it reports none: ``on_progress`` is unused)."""
     d = shared["diagnostics"]

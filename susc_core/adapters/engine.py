@@ -14,12 +14,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from functools import partial
-from typing import Callable
 
 import torch
 from torch.func import vmap
 
-from susc_core.engine.chains import PlannedGroup, Rows, chain_rows, pass_rows, reference_values, sample_plan
+from susc_core.engine.chains import (OnProgress, PlannedGroup, Rows, chain_rows, pass_rows, reference_values,
+                                     sample_plan)
 from susc_core.engine.inputs import UnitContexts, check_contexts, master_weights
 from susc_core.engine.memory import MIB, peak_memory_mib
 from susc_core.engine.stability import preflight
@@ -89,7 +89,7 @@ def chains_per_pass_for_budget(group: AdapterGroup, w_star: torch.Tensor, tokens
 def run_adapter_unit(adapter: ModelAdapter, components: list[str], chains: list[int], sampler: SamplerConfig,
                      contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
                      memory_budget_mib: float | None = None,
-                     on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
+                     on_progress: OnProgress | None = None) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     contexts: the unit's training pool, observable and probe contexts (``UnitContexts``).

@@ -27,6 +27,9 @@ from susc_core.engine.seeds import ChainStreams, chain_streams
 from susc_core.engine.sgld import SamplerConfig
 
 
+OnProgress = Callable[[int, int], None]  # (chain·draws done, chain·draws in all): a unit's progress, see sample_plan
+
+
 class Rows(NamedTuple):
     """The chains of one pass: ``chains`` (a slice of the stack) and ``tokens`` int64 [k] (the row of the
     prepared tokens each reads; ignored when the cache holds one row, shared by all)."""
@@ -158,7 +161,7 @@ class PlannedGroup(NamedTuple):
 
 
 def sample_plan(plan: Iterable[PlannedGroup], contexts: UnitContexts, ref: Reference, seed: int, chunk_tokens: int,
-                policy: str, on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
+                policy: str, on_progress: OnProgress | None = None) -> dict[tuple[str, int], ChainStats]:
     """The work-unit loop every model shares: each planned stack with its streams (``seeds.chain_streams``)
     through ``sample_chains``; returns {(component, chain): ChainStats} after the divergence ``policy``.
     on_progress: called after every draw with (chain·draws done, chain·draws of the whole plan)."""
@@ -178,6 +181,6 @@ def sample_plan(plan: Iterable[PlannedGroup], contexts: UnitContexts, ref: Refer
     return results
 
 
-def _report(on_progress: Callable[[int, int], None], before: int, chains: int, total: int, draws: int) -> None:
+def _report(on_progress: OnProgress, before: int, chains: int, total: int, draws: int) -> None:
     """``on_progress`` of a plan's stack: ``before`` chain·draws of earlier stacks plus ``draws`` of its ``chains``."""
     on_progress(before + chains * draws, total)

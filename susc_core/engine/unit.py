@@ -14,11 +14,10 @@ minibatch stream and shared by the chains that read it: chain k of every compone
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable
 
 import torch
 
-from susc_core.engine.chains import PlannedGroup, reference_values, sample_plan
+from susc_core.engine.chains import OnProgress, PlannedGroup, reference_values, sample_plan
 from susc_core.engine.inputs import UnitContexts, check_contexts, master_weights
 from susc_core.model.components import component, gather, is_head, resolve_components
 from susc_core.engine.reference import plan_reference
@@ -59,7 +58,7 @@ def plan_batched(params: Params, cfg: ModelConfig, names: list[str], chains: lis
 def run_unit(model_cfg: ModelConfig, w_star: Params, components: list[str], chains: list[int],
              sampler: SamplerConfig, contexts: UnitContexts, seed: int, device: torch.device | str = "cpu",
              mode: str = "batched", chunk_tokens: int = LOSS_CHUNK_TOKENS,
-             on_progress: Callable[[int, int], None] | None = None) -> dict[tuple[str, int], ChainStats]:
+             on_progress: OnProgress | None = None) -> dict[tuple[str, int], ChainStats]:
     """SGLD chains ``chains`` of each component in ``components`` (names or globs; "full" = unrestricted).
 
     w_star: the checkpoint's parameters (any device; used as fp32 master weights on ``device``).
