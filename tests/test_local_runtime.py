@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import shutil
@@ -233,3 +234,24 @@ def test_units_reporting_draws_outlive_the_wait_timeout_and_silent_ones_do_not(r
     silent = dataclasses.replace(reporting, wait_timeout_s=2 * DRAW_SECONDS)
     with pytest.raises(TimeoutError, match=r"no unit finished or reported a draw in 2\.0 s: .*raise cluster\.wait_timeout_s"):
         run_units(units, drawing, {"report": False, "draws": 4}, silent, UnitStore(tmp_path / "silent"))
+
+
+def test_a_failing_progress_board_is_no_news_and_said_once(ray_session, caplog):
+    """Progress is never worth a study: a board whose reads fail gives no snapshot, and the warning comes once."""
+    from workflows.execute import _BoardReader
+
+    @ray_session.remote(num_cpus=0)
+    class Broken:
+        def snapshot(self):
+            raise RuntimeError("board lost")
+
+    reader = _BoardReader(Broken.remote())
+    with caplog.at_level(logging.WARNING, logger="execute"):
+        polls = []
+        deadline = time.monotonic() + 30
+        while len(polls) < 3 and time.monotonic() < deadline:  # three answered reads, each a failure
+            ready, _ = ray_session.wait([reader.request], timeout=POLL_S)
+            if ready:
+                polls.append(reader.poll())
+    assert polls == [None, None, None]
+    assert caplog.text.count("progress board unavailable") == 1

@@ -302,6 +302,7 @@ class _BoardReader:
 
     def __init__(self, actor):
         self.actor, self.request = actor, actor.snapshot.remote()
+        self.warned = False  # a board that stays down is reported once, not every poll
 
     def poll(self) -> dict | None:
         """The newest snapshot if one has arrived since the last call (then a new one is requested), else None."""
@@ -313,7 +314,10 @@ class _BoardReader:
         try:
             snapshot = ray.get(self.request)
         except ray.exceptions.RayError as error:  # the board's node went; Ray restarts it
-            log.warning("progress board unavailable (%s); the units' next reports refill it", type(error).__name__)
+            if not self.warned:
+                log.warning("progress board unavailable (%s); the units' next reports refill it once Ray has "
+                            "restarted it", type(error).__name__)
+            self.warned = True
             snapshot = None
         self.request = self.actor.snapshot.remote()
         return snapshot
