@@ -7,7 +7,7 @@ import logging
 
 from tqdm import tqdm
 
-from workflows.progress import Reporter, View
+from workflows.progress import Board, Reporter, View
 
 
 def test_reporter_forwards_the_first_report_then_at_most_one_per_interval_and_always_the_last():
@@ -36,3 +36,11 @@ def test_view_moves_the_bar_by_shares_of_units_and_ignores_reports_of_finished_o
         view.update({"a": (10, 10), "b": (1, 4)})  # a's last report arrives after it finished
     assert bar.n == 2.25 and set(view.in_flight) == {"b"}
     assert "units: 2.25 of 4 done (1 in flight)" in caplog.text
+
+
+def test_board_holds_only_the_units_in_flight():
+    board = Board()
+    board.report("a", 0, 0)
+    board.report("b", 3, 10)
+    board.report("a", 10, 10)  # a's last report
+    assert board.snapshot() == {"b": (3, 10)}

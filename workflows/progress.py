@@ -19,13 +19,18 @@ Send = Callable[[str, int, int], None]  # (unit key, chain·draws done, chain·d
 
 
 class Board:
-    """The latest report of every unit, {unit key: (done, total)}; run as a Ray actor, written by the units."""
+    """The latest report of every unit in flight, {unit key: (done, total)}; run as a Ray actor, written by the
+    units. A unit's last report (done == total) drops it, so a snapshot stays the size of the units in flight,
+    not of the study (the driver counts the unit done when its result arrives)."""
 
     def __init__(self):
         self.units: dict[str, tuple[int, int]] = {}
 
     def report(self, key: str, done: int, total: int) -> None:
-        self.units[key] = (done, total)
+        if 0 < total == done:
+            self.units.pop(key, None)
+        else:
+            self.units[key] = (done, total)
 
     def snapshot(self) -> dict[str, tuple[int, int]]:
         return dict(self.units)
