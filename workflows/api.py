@@ -316,8 +316,9 @@ def susceptibilities(model=None, *, train: Tokens | None = None, probes: Mapping
         if not (model is None or isinstance(model, (str, Path))):
             raise ValueError("a model in memory needs train= and probes=: the corpus is tokenised for models "
                              "given by path")
-        cfg = dataclasses.replace(cfg, model=dataclasses.replace(
-            cfg.model, adapter=path_kind(model, adapter), checkpoint=str(model) if model is not None else cfg.model.checkpoint))
+        checkpoint = str(model) if model is not None else cfg.model.checkpoint
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, adapter=path_kind(model, adapter),
+                                                                 checkpoint=checkpoint))
         inputs = load_inputs(cfg)
     else:
         inputs = memory_inputs(load(model, tokenizer, adapter, cfg.model.loss_chunk_tokens), train, probes, cfg,
